@@ -1,0 +1,1 @@
+"""yworld.model: the YOLO-World network, its training objective and weight loading."""

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Idempotent environment set-up: creates .venv with everything the project and its tests need.
+# torch/torchvision go first at exact versions (a local wheel on our dev machines; any build works on a
+# cluster), then DeepSpeed without build isolation (its sdist imports torch at build time; with isolation
+# pip would fetch a second, newest torch), then the project itself in editable mode with the dev extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${YWORLD_VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.yworld-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
+if [ -f "$STAMP" ]; then exit 0; fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip install --disable-pip-version-check -q"
+$PIP --upgrade pip setuptools wheel
+$VENV/bin/python -c "import torch, torchvision" 2>/dev/null || \
+  $PIP "torch==${YWORLD_TORCH:-2.14.1}" "torchvision==${YWORLD_TORCHVISION:-0.29.1}"
+$VENV/bin/python -c "import deepspeed" 2>/dev/null || $PIP --no-build-isolation "deepspeed>=0.16"
+$PIP -e ".[dev]"
+rm -f "$VENV"/.yworld-setup-*
+touch "$STAMP"
