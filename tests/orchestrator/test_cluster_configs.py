@@ -1,0 +1,84 @@
+"""The cluster launcher YAML and the KubeRay manifests, checked with Ray's own schema and config code."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+
+@pytest.fixture(scope="module")
+def jobs_dir(repo_root):
+    return repo_root / "jobs"
+
+
+def _load(path):
+    return yaml.safe_load(path.read_text())
+
+
+def test_launcher_yaml_passes_rays_schema_and_has_the_4x8_shape(jobs_dir):
+    raw = _load(jobs_dir / "cluster" / "aws-4x8gpu.yaml")
+    config = prepare_config(copy.deepcopy(raw))  # what `ray up` does before validating
+    validate_config(config)  # ray/autoscaler/ray-schema.json + Ray's own consistency checks
+
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    gpu = [t for name, t in types.items() if t.get("resources", {}).get("GPU")]
+    cpu = [t for name, t in types.items() if name != config["head_node_type"] and not t["resources"].get("GPU")]
+    assert len(gpu) == 1 and gpu[0]["min_workers"] == 0 and gpu[0]["max_workers"] == 4
+    assert gpu[0]["resources"]["GPU"] == 8
+    assert cpu, "a CPU-only worker type for Ray Data preprocessing"
+    # Spot workers, on-demand head that schedules no work.
+    for t in gpu + cpu:
+        assert t["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert "InstanceMarketOptions" not in head["node_config"]
+    assert head["resources"].get("CPU") == 0
+    assert config["max_workers"] >= 4 + sum(t["max_workers"] for t in cpu)
+
+
+def test_launcher_schema_check_can_fail(jobs_dir):
+    raw = _load(jobs_dir / "cluster" / "aws-4x8gpu.yaml")
+    raw["available_node_types"]["gpu_8x"]["max_worker"] = 4  # a typo'd key must be rejected
+    with pytest.raises(Exception, match="max_worker"):
+        validate_config(prepare_config(raw))
+
+
+def _check_cluster_spec(spec: dict, where: str):
+    head = spec["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict), where
+    for group in [head, *spec["workerGroupSpecs"]]:
+        containers = group["template"]["spec"]["containers"]
+        assert containers and all(c.get("name") and c.get("image") for c in containers), where
+    for group in spec["workerGroupSpecs"]:
+        for key in ("groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"):
+            assert key in group, f"{where}: workerGroupSpecs[{group.get('groupName')}] lacks {key}"
+        assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], where
+
+
+def test_raycluster_manifest(jobs_dir):
+    cr = _load(jobs_dir / "k8s" / "raycluster.yaml")
+    assert cr["apiVersion"] == "ray.io/v1" and cr["kind"] == "RayCluster" and cr["metadata"]["name"]
+    assert cr["spec"]["enableInTreeAutoscaling"] is True
+    _check_cluster_spec(cr["spec"], "raycluster.yaml")
+    # Ray's KubeRay autoscaler turns the CR into an autoscaling config and validates it with its schema.
+    derived = _derive_autoscaling_config_from_ray_cr(cr)
+    gpu = derived["available_node_types"]["gpu-8x"]
+    assert (gpu["min_workers"], gpu["max_workers"], gpu["resources"]["GPU"]) == (0, 4, 8)
+    assert "GPU" not in derived["available_node_types"]["cpu-data"]["resources"]
+    assert derived["available_node_types"]["headgroup"]["resources"]["CPU"] == 0
+
+
+def test_rayjob_manifest_runs_pretrain_l(jobs_dir):
+    job = _load(jobs_dir / "k8s" / "rayjob-pretrain-l.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
+    spec = job["spec"]
+    assert spec["entrypoint"].split()[:3] == ["yworld", "run", "pretrain_l"]
+    assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode")
+    yaml.safe_load(spec["runtimeEnvYAML"])
+    _check_cluster_spec(spec["rayClusterSpec"], "rayjob-pretrain-l.yaml")
+    derived = _derive_autoscaling_config_from_ray_cr({"metadata": job["metadata"], "spec": spec["rayClusterSpec"]})
+    total_gpus = sum(t["max_workers"] * t["resources"].get("GPU", 0) for t in derived["available_node_types"].values())
+    assert total_gpus == 32  # 4 x 8, the recipe's 32 workers (yolo-world.md §3)
