@@ -1,0 +1,138 @@
+"""COCO-style detection (COCO, Objects365 v1 `objects365_train.json`) with a class-text file.
+
+The class-text file is a list of synonym lists, one per category in category-id order, as the official
+`data/texts/{coco,obj365v1}_class_texts.json` (ref: yolo-world.md §2 "Prompting"). Each record's texts are
+the classes present in that image; the full list goes to the manifest as the negative pool from which the
+training stream tops the vocabulary up to 80 (ref: yolo-world.md §3 "Online vocabulary").
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from yworld.datasets.formats import (
+    ANN_UNKNOWN_CATEGORY, ANN_UNKNOWN_IMAGE, IMAGE_DUPLICATE, IMAGE_MALFORMED, Candidate, ImageEntry, Parsed,
+    Rejects, image_id_of,
+)
+from yworld.model.errors import DataError
+
+
+def require_coco_lists(data: Any, annotations_name: str, keys: tuple[str, ...]) -> None:
+    if not isinstance(data, dict):
+        raise DataError(f"{annotations_name}: expected a COCO-style JSON object, got {type(data).__name__}; "
+                        "pass the annotation file of this format")
+    for key in keys:
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{annotations_name}: missing the '{key}' list of a COCO-style annotation file; "
+                            "check --format and --annotations")
+
+
+def index_images(data: dict, annotations_name: str, rejects: Rejects) -> dict[Any, dict]:
+    """Image entries by id; entries without id or file name, and repeated ids, are counted and skipped."""
+    images: dict[Any, dict] = {}
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or img.get("id") is None or not (img.get("file_name") or img.get("coco_url")):
+            rejects.add(IMAGE_MALFORMED, f"{annotations_name}: images[{i}] has no id or file_name")
+            continue
+        if img["id"] in images:
+            rejects.add(IMAGE_DUPLICATE, f"{annotations_name}: image id {img['id']} appears twice")
+            continue
+        images[img["id"]] = img
+    return images
+
+
+def group_annotations(data: dict, images: dict, annotations_name: str, rejects: Rejects) -> dict[Any, list[dict]]:
+    """Annotations by image id, in file order; annotations of unknown images are counted and skipped."""
+    by_image: dict[Any, list[dict]] = {k: [] for k in images}
+    for i, ann in enumerate(data["annotations"]):
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        if image_id not in by_image:
+            rejects.add(ANN_UNKNOWN_IMAGE, f"{annotations_name}: annotation {_ann_id(ann, i)} "
+                                           f"refers to image {image_id!r}, which is not in 'images'")
+            continue
+        by_image[image_id].append(ann)
+    return by_image
+
+
+def file_name_candidates(img: dict) -> tuple[str, ...]:
+    """Where an image may be under the images folder: `file_name`, else from `coco_url` (LVIS v1 has only
+    the URL) as `val2017/000000397133.jpg` or plain `000000397133.jpg`."""
+    names = []
+    if img.get("file_name"):
+        names.append(str(img["file_name"]))
+    url = str(img.get("coco_url") or "")
+    if url:
+        parts = url.rstrip("/").split("/")
+        names += ["/".join(parts[-2:]), parts[-1]]
+    return tuple(dict.fromkeys(names))
+
+
+def _ann_id(ann: Any, index: int) -> str:
+    return str(ann.get("id", f"#{index}")) if isinstance(ann, dict) else f"#{index}"
+
+
+def _int(v: Any) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return 0
+
+
+def category_texts(categories: list[dict], class_texts: list[list[str]] | None, annotations_name: str,
+                   class_texts_name: str) -> dict[int, list[str]]:
+    """Category id -> synonym list. The class-text file lists categories in ascending id order."""
+    try:
+        ids = sorted(int(c["id"]) for c in categories)
+        names = {int(c["id"]): str(c["name"]) for c in categories}
+    except (TypeError, KeyError, ValueError):
+        raise DataError(f"{annotations_name}: every entry of 'categories' needs an integer 'id' and a 'name'") from None
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{annotations_name}: 'categories' repeats a category id; fix the annotation file")
+    if class_texts is None:
+        return {i: [names[i]] for i in ids}
+    if not isinstance(class_texts, list) or not all(
+            isinstance(t, list) and t and all(isinstance(s, str) for s in t) for t in class_texts):
+        raise DataError(f"{class_texts_name}: expected a JSON list of synonym lists like "
+                        '[["aerosol can", "spray can"], ["air conditioner"]]')
+    if len(class_texts) != len(ids):
+        raise DataError(f"{class_texts_name} has {len(class_texts)} entries but {annotations_name} has "
+                        f"{len(ids)} categories; pass the class-text file made for this dataset")
+    return {i: list(t) for i, t in zip(ids, class_texts)}
+
+
+def entries_from_coco(data: dict, *, annotations_name: str, images_root: str, source: str, id_prefix: str,
+                      texts_by_category: dict[int, list[str]], rejects: Rejects) -> tuple[list[ImageEntry], int]:
+    """ImageEntries of a COCO-style detection file (shared by coco and lvis)."""
+    images = index_images(data, annotations_name, rejects)
+    by_image = group_annotations(data, images, annotations_name, rejects)
+    entries = []
+    for orig_id, img in images.items():
+        candidates = []
+        for i, ann in enumerate(by_image[orig_id]):
+            cat = ann.get("category_id")
+            if _int(cat) not in texts_by_category:
+                rejects.add(ANN_UNKNOWN_CATEGORY, f"{annotations_name}: annotation {_ann_id(ann, i)} has "
+                                                  f"category_id {cat!r}, which is not in 'categories'")
+                continue
+            candidates.append(Candidate(ann_id=_ann_id(ann, i), bbox=ann.get("bbox"),
+                                        text=tuple(texts_by_category[_int(cat)]), category_id=_int(cat),
+                                        iscrowd=bool(ann.get("iscrowd", 0))))
+        entries.append(ImageEntry(
+            image_id=image_id_of(source, id_prefix, orig_id), file_names=file_name_candidates(img),
+            images_root=images_root, annotations_name=annotations_name, width=_int(img.get("width")),
+            height=_int(img.get("height")), candidates=candidates, source=source, kind="detection",
+            keep_empty=True))
+    return entries, len(data["annotations"])
+
+
+def parse(data: dict, *, annotations_name: str, images_root: str, source: str = "coco", id_prefix: str = "",
+          class_texts: list[list[str]] | None = None, class_texts_name: str = "class texts",
+          rejects: Rejects | None = None) -> Parsed:
+    rejects = rejects if rejects is not None else Rejects()
+    require_coco_lists(data, annotations_name, ("images", "annotations", "categories"))
+    texts = category_texts(data["categories"], class_texts, annotations_name, class_texts_name)
+    entries, n_ann = entries_from_coco(data, annotations_name=annotations_name, images_root=images_root,
+                                       source=source, id_prefix=id_prefix, texts_by_category=texts,
+                                       rejects=rejects)
+    return Parsed(entries=entries, class_texts=[texts[i] for i in sorted(texts)], kind="detection",
+                  rejects=rejects, annotations_read=n_ann,
+                  extra={"category_ids": sorted(texts)})
