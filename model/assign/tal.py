@@ -1,0 +1,85 @@
+"""Task-aligned assignment (TOOD; the YOLOv8 / YOLO-World assigner), batched over images with padded GT.
+
+Rules (ref: eval-and-assignment.md §B6; yolo-world.md §3 "Assigner": `BatchTaskAlignedAssigner`, topk 10,
+alpha 0.5, beta 6.0, use_ciou True, eps 1e-9):
+
+1. candidates of a ground truth are the anchor points strictly inside its box (no centre radius);
+2. alignment metric t = s^alpha * u^beta, s = predicted score of the GT's text, u = CIoU(GT, prediction)
+   clamped at 0;
+3. each ground truth keeps its top-k candidates by t;
+4. an anchor claimed by several ground truths goes to the one with the highest (C)IoU;
+5. soft target of a positive anchor = t / max_j(t_j) * max_j(u_j), the maxima over that GT's positives.
+
+Ultralytics >= 8.4 additionally enlarges GT sides smaller than 16 px to 16 px before the inside test; the
+mmyolo code YOLO-World trains with does not, and neither do we (a zero-width box gets no positives).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from yworld.model.assign.assignment import Assignment, ChunkedAssigner, gather_targets
+from yworld.model.box_ops import boxes_inside, ciou_pairs
+
+__all__ = ["TaskAlignedAssigner"]
+
+
+class TaskAlignedAssigner(ChunkedAssigner):
+    """Callable: (cls_logits, pred_boxes, anchors, strides, gt_labels, gt_boxes, gt_mask) -> Assignment."""
+
+    def __init__(self, topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9):
+        self.topk, self.alpha, self.beta, self.eps = topk, alpha, beta, eps
+
+    def __repr__(self) -> str:
+        return f"TaskAlignedAssigner(topk={self.topk}, alpha={self.alpha}, beta={self.beta})"
+
+    def _assign(
+        self,
+        cls_logits: Tensor,  # [B, A, N] raw region-text logits
+        pred_boxes: Tensor,  # [B, A, 4] decoded xyxy, input pixels
+        anchors: Tensor,  # [A, 2] anchor centres, input pixels
+        strides: Tensor,  # [A] (unused: the inside-box rule needs no stride; kept for a common signature)
+        gt_labels: Tensor,  # [B, M] long, index into the sample's vocabulary
+        gt_boxes: Tensor,  # [B, M, 4] xyxy input pixels
+        gt_mask: Tensor,  # [B, M] bool, False for padding
+    ) -> Assignment:
+        B, A, N = cls_logits.shape
+        M = gt_boxes.shape[1]
+        device = cls_logits.device
+        pred_boxes, gt_boxes, anchors = pred_boxes.float(), gt_boxes.float(), anchors.float()
+        labels = gt_labels.long().clamp(0, N - 1)
+
+        # 1. candidates: strictly inside a real (non-padding) box.
+        in_gt = boxes_inside(anchors, gt_boxes, self.eps) & gt_mask[..., None]  # [B, M, A]
+
+        # 2. metric, computed only for candidate pairs (a 200-GT image would otherwise need B*M*A CIoUs).
+        b, m, a = in_gt.nonzero(as_tuple=True)
+        score = cls_logits[b, a, labels[b, m]].float().sigmoid()
+        overlap_values = ciou_pairs(gt_boxes[b, m], pred_boxes[b, a]).clamp(min=0)
+        overlaps = torch.zeros(B, M, A, device=device)
+        align = torch.zeros(B, M, A, device=device)
+        overlaps[b, m, a] = overlap_values
+        align[b, m, a] = score.pow(self.alpha) * overlap_values.pow(self.beta)
+
+        # 3. top-k per ground truth; anchors outside the box that top-k picks to fill up k are dropped.
+        k = min(self.topk, A)
+        topk_idx = align.topk(k, dim=-1).indices  # [B, M, k]
+        pos = torch.zeros(B, M, A, dtype=torch.bool, device=device)
+        pos.scatter_(-1, topk_idx, True)
+        pos &= in_gt
+
+        # 4. an anchor claimed by several ground truths goes to the highest IoU one (among the boxes that
+        #    contain it: with all IoUs 0 the reference's plain argmax could pick a box that does not).
+        multi = pos.sum(1, keepdim=True) > 1  # [B, 1, A]
+        winner = torch.where(in_gt, overlaps, -1.0).argmax(1, keepdim=True)
+        best = torch.zeros_like(pos).scatter_(1, winner, True)
+        pos = torch.where(multi, best, pos)
+        fg_mask = pos.any(1)  # [B, A]
+        gt_index = pos.to(torch.uint8).argmax(1)  # [B, A]
+
+        # 5. soft target: t / max(t) * max(IoU), per ground truth, read at the anchor's own GT.
+        align = align * pos
+        overlaps = overlaps * pos
+        norm = align * overlaps.amax(-1, keepdim=True) / (align.amax(-1, keepdim=True) + self.eps)
+        soft = norm.amax(1)  # [B, A]: at most one non-zero per anchor after step 4
+        return gather_targets(labels, gt_boxes, gt_index, fg_mask, soft, N)
