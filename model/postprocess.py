@@ -55,7 +55,8 @@ def letterbox(image: np.ndarray, size: int | tuple[int, int] = 640, stride: int 
     top, left = (th - nh) // 2, (tw - nw) // 2
     out = np.full((th, tw, image.shape[2]), pad_value, dtype=image.dtype)
     out[top:top + nh, left:left + nw] = image
-    return out, Letterbox(scale_x=nw / w, scale_y=nh / h, pad_left=left, pad_top=top, original_hw=(h, w), input_hw=(th, tw))
+    return out, Letterbox(scale_x=nw / w, scale_y=nh / h, pad_left=left, pad_top=top, original_hw=(h, w),
+                          input_hw=(th, tw))
 
 
 @dataclass

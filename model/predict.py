@@ -167,6 +167,9 @@ def _load_network(args, device: torch.device):
         return model, encoder
     if args.weights:
         raise YWorldError("--weights needs a registry name in --model; our own weights files go in --model directly")
+    if "://" not in args.model and not (Path(args.model).exists() or Path(args.model).with_suffix(".json").exists()):
+        raise YWorldError(f"--model {args.model} is neither a model name ({', '.join(VARIANTS)}) nor a weights "
+                          "file (.safetensors with its .json)")
     from .weights import load_model
 
     model = load_model(args.model)

@@ -13,6 +13,15 @@ from yworld.model import HeadOutputs, build_model, list_models
 from yworld.model.errors import ConfigError, YWorldError
 from yworld.model.neck import ImagePoolingAttention, MaxSigmoidAttnBlock
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 TEXT_DIM = 64
 
 

@@ -9,6 +9,15 @@ import torch
 
 from yworld.model import build_model
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # Ultralytics 8.4.190 `WorldModel(yaml)` parameter counts (the numbers printed in its yolov8*-world*.yaml
 # headers). They include the DFL conv's 16 fixed weights, which we keep as a non-persistent buffer.
 ULTRALYTICS = {
@@ -38,7 +47,8 @@ def test_parameter_count_matches_reference(name):
     assert n == ULTRALYTICS[name] - DFL_WEIGHTS
 
 
-@pytest.mark.parametrize("name,yaml", [("yolo_world_v2_s", "yolov8s-worldv2.yaml"), ("yolo_world_v1_s", "yolov8s-world.yaml")])
+@pytest.mark.parametrize("name,yaml", [("yolo_world_v2_s", "yolov8s-worldv2.yaml"),
+                                       ("yolo_world_v1_s", "yolov8s-world.yaml")])
 def test_parameter_count_equals_live_ultralytics_build(name, yaml):
     tasks = pytest.importorskip("ultralytics.nn.tasks", reason="ultralytics (the reference) is not installed")
     ref = tasks.WorldModel(yaml, verbose=False)
