@@ -400,8 +400,10 @@ def _write_lvis(put, put_json, seed, n, img, cats, image_counts, clutter, lo, hi
         present = sorted({o.category.id for o in objs})
         not_exhaustive = []
         keep = list(objs)
-        if len(objs) > 1 and rng.random() < 0.1:  # an annotator missed one instance: flag its category
-            drop = int(rng.integers(len(objs)))
+        repeated = [k for k, o in enumerate(objs) if sum(p.category is o.category for p in objs) > 1]
+        if repeated and rng.random() < 0.25:
+            # An annotator missed one of several instances: the category stays positive, flagged not exhaustive.
+            drop = repeated[int(rng.integers(len(repeated)))]
             not_exhaustive = [objs[drop].category.id]
             keep = [o for k, o in enumerate(objs) if k != drop]
         absent = [c for c in all_ids if c not in present]
