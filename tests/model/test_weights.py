@@ -85,3 +85,21 @@ def test_unreadable_and_missing_files(tmp_path):
     torch.save({"optimizer": {"lr": 1.0}}, tmp_path / "no_state.pth")
     with pytest.raises(WeightsError, match="holds no state_dict"):
         load_weights(model, tmp_path / "no_state.pth")
+
+
+def test_folded_model_round_trip(tmp_path):
+    """A re-parameterized model (vocabulary folded in) saves and rebuilds from its JSON config alone."""
+    from yworld.model import reparameterize
+
+    model = _randomised("yolo_world_v2_tiny")
+    text = F.normalize(torch.randn(6, 512), dim=-1)
+    images = torch.rand(1, 3, 64, 64)
+    reparameterize(model, text)
+    save_weights(model, tmp_path / "folded.safetensors")
+    assert json.loads((tmp_path / "folded.json").read_text())["config"]["folded_vocab"] == 6
+    loaded = load_model(tmp_path / "folded.safetensors")
+    with torch.no_grad():
+        expected, got = model(images), loaded(images)
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+    with pytest.raises(WeightsError, match="missing"):
+        load_weights(build_model("yolo_world_v2_tiny"), tmp_path / "folded.safetensors")
