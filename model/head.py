@@ -30,9 +30,9 @@ class HeadOutputs:
 
     cls_logits: torch.Tensor  # [B, A, N] raw region-text logits
     box_dist: torch.Tensor  # [B, A, 4 * reg_max] raw DFL logits, layout (4 sides l,t,r,b; reg_max bins)
-    boxes: torch.Tensor  # [B, A, 4] decoded xyxy in input pixels (DFL expectation x stride)
-    anchors: torch.Tensor  # [A, 2] anchor centres (x, y) in input pixels, (i + 0.5) * stride
-    strides: torch.Tensor  # [A] float
+    boxes: torch.Tensor  # [B, A, 4] decoded xyxy in input pixels (DFL expectation x stride), float32
+    anchors: torch.Tensor  # [A, 2] anchor centres (x, y) in input pixels, (i + 0.5) * stride, float32
+    strides: torch.Tensor  # [A] float32
 
 
 class ContrastiveHead(nn.Module):
@@ -110,14 +110,17 @@ class YOLOWorldHead(nn.Module):
             box_dist.append(reg(x).flatten(2).transpose(1, 2))  # [B, HW, 4*reg_max]
         cls_logits = torch.cat(cls_logits, 1)
         box_dist = torch.cat(box_dist, 1)
-        anchors, strides = anchor_points(sizes, self.strides, box_dist.device, box_dist.dtype)
+        # anchors and decoded boxes in float32 even for half models: fp16 pixel coordinates above 512 are
+        # quantised to 0.5 px, too coarse for the IoU loss and the evaluation
+        anchors, strides = anchor_points(sizes, self.strides, box_dist.device, torch.float32)
         boxes = self.decode(box_dist, anchors, strides)
         return HeadOutputs(cls_logits=cls_logits, box_dist=box_dist, boxes=boxes, anchors=anchors, strides=strides)
 
     def decode(self, box_dist: torch.Tensor, anchors: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
-        """DFL expectation (softmax over the reg_max bins . arange) -> l,t,r,b in stride units -> xyxy pixels."""
+        """DFL expectation (softmax over the reg_max bins . arange) -> l,t,r,b in stride units -> xyxy pixels
+        (float32)."""
         b, a, _ = box_dist.shape
-        dist = box_dist.view(b, a, 4, self.reg_max).softmax(-1) @ self.proj.to(box_dist.dtype)
+        dist = box_dist.float().view(b, a, 4, self.reg_max).softmax(-1) @ self.proj.float()
         dist = dist * strides.view(1, -1, 1)
         return torch.cat([anchors - dist[..., :2], anchors + dist[..., 2:]], -1)
 
