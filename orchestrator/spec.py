@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import re
 import types
 import typing
@@ -58,19 +59,21 @@ def resolve_job_path(name_or_path: str | Path) -> Path:
         if not p.exists():
             raise ConfigError(f"{p}: no such job spec; pass a YAML file or a packaged job name ({_packaged_names()})")
         return p
-    import importlib.resources
+    for folder in _packaged_job_dirs():
+        if (folder / f"{name_or_path}.yaml").is_file():
+            return folder / f"{name_or_path}.yaml"
+    raise ConfigError(f"{name_or_path}: no such job spec; pass a YAML file or one of: {_packaged_names()}")
 
-    packaged = importlib.resources.files("yworld.jobs") / f"{name_or_path}.yaml"
-    if not packaged.is_file():
-        raise ConfigError(f"{name_or_path}: no such job spec; pass a YAML file or one of: {_packaged_names()}")
-    return Path(str(packaged))
+
+def _packaged_job_dirs() -> list[Path]:
+    # `yworld.jobs` is data only (no __init__.py), so read its folder(s) from the import spec; this works for
+    # an editable checkout and an installed wheel alike.
+    found = importlib.util.find_spec("yworld.jobs")
+    return [Path(p) for p in (found.submodule_search_locations or [])] if found else []
 
 
 def _packaged_names() -> str:
-    import importlib.resources
-
-    names = sorted(f.name[:-5] for f in importlib.resources.files("yworld.jobs").iterdir() if f.name.endswith(".yaml"))
-    return ", ".join(names)
+    return ", ".join(sorted({p.stem for d in _packaged_job_dirs() for p in d.glob("*.yaml")}))
 
 
 def load_yaml(path: str | Path) -> dict:

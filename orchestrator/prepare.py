@@ -1,0 +1,64 @@
+"""Make a job's data exist before it runs: the synthetic world (generated on first use) and ingests.
+
+Used by `kind: train` (its `prepare:` section) and `kind: ingest`. Both steps are skipped when their output is
+already there (`world.json` for the synthetic files, `manifest.json` for a shard folder), so the smoke job
+pays for data generation once per machine; `yworld ingest` itself is idempotent and resumable as well.
+"""
+from __future__ import annotations
+
+import logging
+
+from yworld.datasets.ingest import IngestConfig, ingest
+from yworld.datasets.storage import StorageOptions, filesystem, join
+from yworld.orchestrator.train_spec import SyntheticSpec
+
+__all__ = ["prepare_data", "synthetic_ingests"]
+
+log = logging.getLogger(__name__)
+
+
+def _exists(url: str, storage: StorageOptions) -> bool:
+    fs, path = filesystem(url, storage)
+    return fs.exists(path)
+
+
+def synthetic_ingests(spec: SyntheticSpec, storage: StorageOptions) -> list[IngestConfig]:
+    """Generate the synthetic world unless present; the ingest configs that turn it into shards."""
+    from yworld.datasets.synthetic import generate
+
+    if _exists(join(spec.raw, "world.json"), storage):  # world.json is the last file generate() writes
+        log.info("synthetic world already at %s", spec.raw)
+        paths = _synthetic_paths(spec.raw)
+    else:
+        log.info("writing the synthetic world (%d images, %d px) to %s", spec.num_images, spec.img_size, spec.raw)
+        paths = generate(spec.raw, seed=spec.seed, num_images=spec.num_images, img_size=spec.img_size,
+                         storage=storage)
+    return list(paths.ingest_configs(spec.shards, shard_size=spec.shard_size).values())
+
+
+def prepare_data(synthetic: SyntheticSpec | None, ingests: list[IngestConfig], storage: StorageOptions,
+                 progress: bool = True) -> None:
+    configs = (synthetic_ingests(synthetic, storage) if synthetic is not None else []) + list(ingests)
+    for cfg in configs:
+        if _exists(join(cfg.out, "manifest.json"), storage):
+            log.info("%s: already ingested", cfg.out)
+            continue
+        summary = ingest(cfg, storage, progress=progress)
+        log.info("%s", summary)
+
+
+def _synthetic_paths(root: str):
+    """The `SyntheticPaths` of a world generate() already wrote under `root` (its fixed layout), without
+    rendering every image again (~20 s on 2 cores)."""
+    from yworld.datasets.synthetic import SyntheticPaths, categories
+
+    u = lambda *p: join(root, *p)  # noqa: E731
+    cats = categories()
+    return SyntheticPaths(
+        root=root, detection_annotations=u("detection", "annotations.json"), detection_images=u("detection", "images"),
+        class_texts=u("detection", "class_texts.json"), grounding_annotations=u("grounding", "annotations.json"),
+        grounding_images=u("grounding", "images"), image_text_annotations=u("image_text", "annotations.json"),
+        image_text_images=u("image_text", "images"), lvis_annotations=u("lvis", "annotations.json"),
+        lvis_images=u("lvis", "images"), lvis_class_texts=u("lvis", "class_texts.json"), world=u("world.json"),
+        held_out=tuple(c.name for c in cats if c.held_out), train_categories=tuple(c.name for c in cats
+                                                                                 if not c.held_out))

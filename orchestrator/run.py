@@ -1,0 +1,93 @@
+"""`yworld run JOB.yaml|NAME [--set a.b=c ...] [--address ADDR]`: run a job spec from here.
+
+The driver runs in this process. With no cluster address (flag, `address:` in the spec, or $RAY_ADDRESS, which
+Ray sets for jobs submitted through the Jobs API) it starts a local Ray sized for the job, so
+`yworld run smoke` works on a laptop and the same YAML runs on a cluster. `kind:` picks what runs: train,
+ingest, eval, eval-watch.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+# Ray Train V2 is the API this package codes against; set before anything imports ray.train.
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from yworld.model.errors import YWorldError  # noqa: E402
+
+__all__ = ["add_arguments", "main", "run_job", "init_ray"]
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", help="job spec YAML, or a packaged job name: smoke, pretrain_l, finetune_coco, ...")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a spec field, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: spec, $RAY_ADDRESS, local)")
+
+
+def init_ray(address: str | None, min_cpus: float = 0) -> None:
+    """Connect to the cluster at `address`, or start a local Ray with at least `min_cpus` logical CPUs
+    (Train workers hold theirs for the whole run; Ray Data's decode/augment tasks need free ones)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, local Ray
+    num_cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+
+
+def run_job(job, address: str | None = None) -> object:
+    """Run a loaded job spec; returns what the job kind returns (TrainOutcome, eval results, ...)."""
+    kind = job.kind
+    if kind == "train":
+        from yworld.orchestrator.trainer import fit
+
+        scaling = job.scaling
+        max_workers = scaling.num_workers if isinstance(scaling.num_workers, int) else scaling.num_workers[1]
+        init_ray(address or job.address, min_cpus=max_workers * scaling.cpus_per_worker + 2)
+        outcome = fit(job)
+        log.info("run %s: %d / %d steps; final model %s", outcome.run_url, outcome.steps, outcome.total_steps,
+                 outcome.final_model)
+        return outcome
+    if kind == "ingest":
+        from yworld.orchestrator.prepare import prepare_data
+
+        init_ray(address or job.address)
+        prepare_data(job.synthetic, job.ingest, job.storage.resolved())
+        return None
+    from yworld.orchestrator.eval_jobs import run_eval_job
+
+    return run_eval_job(job, address)
+
+
+def main(args: argparse.Namespace) -> int:
+    from yworld.orchestrator.spec import load_spec
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    job = load_spec(args.job, args.overrides)
+    try:
+        outcome = run_job(job, args.address)
+    except YWorldError:
+        raise
+    except Exception as e:  # a training failure past FailureConfig: say where to continue from
+        from ray.train import TrainingFailedError
+
+        if isinstance(e, TrainingFailedError):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise YWorldError(f"job {getattr(job, 'name', '')}: training failed ({first[:300]}); run the same "
+                              f"job again to continue from its latest checkpoint") from e
+        raise
+    if job.kind == "train":
+        print(f"run: {outcome.run_url}\nsteps: {outcome.steps} / {outcome.total_steps}\n"
+              f"final model: {outcome.final_model}")
+    return 0

@@ -1,0 +1,182 @@
+"""What a train job YAML says (`kind: train`), and the ingest job (`kind: ingest`): typed, frozen sections.
+
+Sections owned by other packages are reused as they are: `data:` is the stream's `StreamConfig`, `storage:`
+is `StorageOptions`, `prepare.ingest:` items are `IngestConfig`, `strategy:` is `StrategyConfig`. Defaults
+here are the paper's pre-training recipe (ref: yolo-world.md §3); the job YAMLs in jobs/ restate the values
+that matter, with their sources.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from yworld.datasets.ingest import IngestConfig
+from yworld.datasets.storage import StorageOptions
+from yworld.datasets.stream import StreamConfig
+from yworld.orchestrator.strategy import StrategyConfig
+
+__all__ = ["ModelSpec", "OptimSpec", "LossSpec", "TrainSpec", "ScalingSpec", "CheckpointSpec", "MetricsSpec",
+           "SyntheticSpec", "PrepareSpec", "TrainJob", "IngestJob"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "yolo_world_v2_l"
+    # Frozen text tower (ref: yolo-world.md §2): a HF id, a local folder, or "minilm" (packaged, 384-d).
+    text_encoder: str = "openai/clip-vit-base-patch32"
+    init_weights: str = ""  # official .pth / ultralytics .pt / ours (.safetensors): start from these
+
+    def __post_init__(self):
+        from yworld.model.registry import list_models
+
+        if self.name not in list_models():
+            raise ValueError(f"name: unknown model {self.name!r}; choose one of: {', '.join(list_models())}")
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """AdamW + YOLOv5 warmup / linear schedule (yworld.model.optim). Values: ref yolo-world.md §3 "Optimizer"."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 2e-3
+    # The EFFECTIVE weight decay, applied as written (no hidden batch scaling): the official config says
+    # 0.05 / 2 = 0.025 and YOLOWv5OptimizerConstructor multiplies it by total_batch / 64 = 512 / 64 = 8.
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.937  # SGD only
+    warmup_epochs: float = 3.0
+    warmup_min_steps: int = 1000
+    warmup_bias_lr: float = 0.1
+    warmup_momentum: float = 0.8  # SGD only (mmyolo leaves AdamW's betas alone)
+    final_lr_factor: float = 0.01
+    grad_clip: float = 10.0  # max gradient norm; 0 disables
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 < self.final_lr_factor <= 1:
+            raise ValueError("lr must be > 0, weight_decay and grad_clip >= 0, final_lr_factor in (0, 1]")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """yworld.model.loss.YOLOWorldLoss options (ref: yolo-world.md §3 "Loss" and "Assigner")."""
+
+    assigner: Literal["tal", "simota"] = "tal"
+    cls_weight: float = 0.5
+    box_weight: float = 7.5
+    dfl_weight: float = 1.5
+    mask_padding: bool = False
+    image_text_box_loss: bool = False  # paper: lambda_I = 0 for image-text samples
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs: int = 100
+    # Global batch = workers x batch_per_worker x accumulation; accumulation is derived from the worker count
+    # so the global batch (and so the lr schedule) stays the recipe's when the cluster changes size.
+    global_batch: int = 512
+    batch_per_worker: int = 16  # the largest micro-batch per worker per forward
+    max_steps: int = 0  # stop after this many optimizer steps (0: all epochs); the schedule still spans epochs
+    ema: bool = True
+    ema_decay: float = 0.9999  # mmyolo ExpMomentumEMA momentum 1e-4 (ref: yolo-world.md §3 "Optimizer")
+    ema_tau: float = 2000.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.global_batch < 1 or self.batch_per_worker < 1 or self.max_steps < 0:
+            raise ValueError("epochs, global_batch and batch_per_worker must be >= 1, max_steps >= 0")
+
+
+@dataclass(frozen=True)
+class ScalingSpec:
+    """Ray Train workers. `num_workers: [min, max]` makes the run elastic (it grows with the cluster)."""
+
+    num_workers: int | tuple[int, int] = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    resize_interval_s: float = 60.0  # how often an elastic run looks for more workers
+
+    def __post_init__(self):
+        low, high = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        if not 1 <= low <= high:
+            raise ValueError(f"num_workers: need 1 <= min <= max, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    every_steps: int = 0  # 0: off
+    every_epochs: int = 2  # ref: yolo-world.md §3 "checkpoint every 2" epochs
+    num_to_keep: int = 3
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint (-1: unlimited)
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.every_epochs < 0 or self.num_to_keep < 1 or self.max_failures < -1:
+            raise ValueError("every_steps, every_epochs >= 0; num_to_keep >= 1; max_failures >= -1")
+
+
+@dataclass(frozen=True)
+class MetricsSpec:
+    every_steps: int = 50  # one ray.train.report per this many optimizer steps
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.every_steps < 1:
+            raise ValueError("every_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """The synthetic world (yworld.datasets.synthetic): public-format files written to `raw` unless already
+    there, then ingested into `{shards}/{synthetic_det, synthetic_grounding, synthetic_captions,
+    synthetic_lvis}` (the sources the smoke job's `data:` and evaluation read)."""
+
+    raw: str = "runs/data/synthetic/raw"
+    shards: str = "runs/data/synthetic"
+    seed: int = 0
+    num_images: int = 320
+    img_size: int = 256
+    shard_size: int = 64
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """Data preparation the driver runs before training (skipped when already done; ingest is idempotent)."""
+
+    synthetic: SyntheticSpec | None = None
+    ingest: list[IngestConfig] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    kind: Literal["train"]
+    name: str  # the run's folder under storage_path; resubmitting the same name continues the run
+    description: str = ""
+    address: str = ""  # Ray address; "" = $RAY_ADDRESS or a local Ray
+    storage_path: str = "runs"  # URL: s3://bucket/prefix, file:///abs, or a local folder
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: StreamConfig = field(default_factory=StreamConfig)
+    prepare: PrepareSpec = field(default_factory=PrepareSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name: {self.name!r} must be a non-empty folder name (no '/')")
+
+
+@dataclass(frozen=True)
+class IngestJob:
+    """`kind: ingest`: convert public annotations + images into shards (and/or write the synthetic world)."""
+
+    kind: Literal["ingest"]
+    name: str = "ingest"
+    address: str = ""
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    synthetic: SyntheticSpec | None = None
+    ingest: list[IngestConfig] = field(default_factory=list)

@@ -1,0 +1,136 @@
+"""A Ray `TorchTrainer` from a train job spec (driver side).
+
+ScalingConfig: `scaling.num_workers` (an int, or [min, max] for an elastic run that grows with the cluster),
+GPUs, CPUs per worker. RunConfig: the run folder `{storage_path}/{name}` on local disk or object storage,
+`FailureConfig(max_failures)` (a dead worker restarts the group from the latest checkpoint),
+`CheckpointConfig(num_to_keep)`. Datasets: the Ray Data stream (yworld.datasets.stream). Resuming is automatic:
+Ray Train V2 finds the run's checkpoint registry at the same storage_path/name when the job is submitted
+again, and the loop picks up from the latest checkpoint (train_loop.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from yworld.datasets import storage as storage_lib
+from yworld.orchestrator.spec import dump_spec
+from yworld.orchestrator.train_spec import TrainJob
+
+__all__ = ["TrainOutcome", "run_url", "plan_steps", "build_trainer", "fit"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    run_url: str  # {storage_path}/{name}
+    final_model: str  # {run}/final/model.safetensors
+    steps: int  # optimizer steps done
+    total_steps: int
+    metrics: dict[str, Any]  # the last reported metrics
+    history: list[dict[str, Any]]  # every report this driver saw
+    checkpoint: str | None  # the latest checkpoint folder
+
+
+def run_url(job: TrainJob) -> str:
+    """The run folder URL; local storage paths are made absolute (workers may run in other folders)."""
+    base = job.storage_path
+    if storage_lib.is_local(base):
+        base = storage_lib.local_path(base)
+    return storage_lib.join(base, job.name)
+
+
+def plan_steps(job: TrainJob, samples_per_epoch: int) -> dict[str, int]:
+    """Optimizer steps per epoch at the recipe's global batch (last partial batch dropped), and in total."""
+    from yworld.model.errors import ConfigError
+
+    steps_per_epoch = samples_per_epoch // job.train.global_batch
+    if steps_per_epoch < 1:
+        raise ConfigError(f"train.global_batch={job.train.global_batch} is larger than one epoch of data "
+                          f"({samples_per_epoch} samples): lower the global batch or add data")
+    total = job.train.epochs * steps_per_epoch
+    if job.train.max_steps:
+        total = min(total, job.train.max_steps)
+    return {"steps_per_epoch": steps_per_epoch, "total_steps": total, "samples_per_epoch": samples_per_epoch}
+
+
+def build_trainer(job: TrainJob, datasets: dict, plan: dict, callbacks: list | None = None):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from yworld.orchestrator.train_loop import train_loop_per_worker
+
+    storage = job.storage.resolved()
+    url = run_url(job)
+    base = url.rsplit("/", 1)[0]
+    fs, base_path = storage_lib.pyarrow_filesystem(base, storage)
+    scaling = job.scaling
+    num_workers = scaling.num_workers if isinstance(scaling.num_workers, int) else tuple(scaling.num_workers)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job, "plan": plan, "spec_yaml": dump_spec(job)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+            elastic_resize_monitor_interval_s=scaling.resize_interval_s,
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.name, storage_path=base_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=job.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
+            callbacks=callbacks or [],
+            worker_runtime_env={"env_vars": _worker_env()},
+        ),
+        datasets=datasets,
+    )
+
+
+def _worker_env() -> dict[str, str]:
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def _save_spec(job: TrainJob, url: str) -> None:
+    """The resolved spec next to the run's outputs (credentials redacted)."""
+    fs, path = storage_lib.filesystem(url, job.storage)
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(f"{path}/spec.yaml", dump_spec(job).encode())
+
+
+def fit(job: TrainJob) -> TrainOutcome:
+    """Prepare data, train to the planned number of steps (resuming when the run exists), export."""
+    from yworld.datasets.stream import build_train_datasets, samples_per_epoch
+    from yworld.orchestrator.metrics import DriverMonitor
+    from yworld.orchestrator.prepare import prepare_data
+
+    storage = job.storage.resolved()
+    prepare_data(job.prepare.synthetic, job.prepare.ingest, storage, progress=job.metrics.progress)
+    url = run_url(job)
+    datasets = build_train_datasets(job.data, storage, job.train.epochs)
+    plan = plan_steps(job, samples_per_epoch(job.data, storage))
+    _save_spec(job, url)
+    log.info("run %s: %d steps (%d per epoch x %d epochs, global batch %d)", url, plan["total_steps"],
+             plan["steps_per_epoch"], job.train.epochs, job.train.global_batch)
+    with DriverMonitor(url, storage, plan["total_steps"], progress=job.metrics.progress,
+                       tensorboard=job.metrics.tensorboard) as monitor:
+        trainer = build_trainer(job, datasets, plan, callbacks=[monitor.callback])
+        result = trainer.fit()
+    checkpoint = result.checkpoint
+    steps = int((result.metrics or {}).get("step", monitor.last.get("step", 0)))
+    if checkpoint is not None:
+        steps = max(steps, _checkpoint_step(checkpoint.path))
+    return TrainOutcome(run_url=url, final_model=storage_lib.join(url, "final", "model.safetensors"), steps=steps,
+                        total_steps=plan["total_steps"], metrics=dict(result.metrics or monitor.last),
+                        history=monitor.history, checkpoint=str(checkpoint.path) if checkpoint else None)
+
+
+def _checkpoint_step(path: str) -> int:
+    from yworld.orchestrator.checkpoint import CHECKPOINT_PREFIX
+
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    return int(name[len(CHECKPOINT_PREFIX):]) if name.startswith(CHECKPOINT_PREFIX) else 0

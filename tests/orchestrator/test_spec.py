@@ -1,0 +1,116 @@
+"""Job specs: YAML -> typed dataclasses; every mistake is one ConfigError line naming file, field and choices."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+import yaml
+
+from yworld.model.errors import ConfigError
+from yworld.orchestrator import spec as spec_lib
+
+
+@dataclass(frozen=True)
+class Inner:
+    lr: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    kind: Literal["ddp", "deepspeed"] = "ddp"
+    stage: Literal[1, 2] = 2
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str
+    epochs: int = 1
+    workers: int | tuple[int, int] = 1
+    flag: bool = False
+    inner: Inner = field(default_factory=Inner)
+    sources: list[Inner] = field(default_factory=list)
+    optional: Inner | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+
+def _build(data, overrides=()):
+    data, cli = spec_lib.apply_overrides(data, overrides)
+    return spec_lib.build(Outer, data, where="job.yaml", cli_paths=cli)
+
+
+def test_valid_spec_builds_typed_tree():
+    s = _build({"name": "r", "epochs": 3, "workers": [1, 2], "inner": {"lr": "2e-3", "betas": [0.8, 0.9]},
+                "sources": [{"kind": "deepspeed"}], "optional": {"stage": 1}, "extra": {"a": 1}})
+    assert s.workers == (1, 2) and s.inner.lr == 2e-3 and s.inner.betas == (0.8, 0.9)
+    assert s.sources == [Inner(kind="deepspeed")] and s.optional == Inner(stage=1) and s.extra == {"a": 1.0}
+    assert isinstance(s.extra["a"], float) and s.inner == Inner(lr=2e-3, betas=(0.8, 0.9))
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"name": "r", "epocs": 3}, "job.yaml: epocs: unknown key; allowed keys: name, epochs, workers"),
+    ({"name": "r", "inner": {"lrr": 1}}, "job.yaml: inner.lrr: unknown key; allowed keys: lr, betas, kind, stage"),
+    ({"name": "r", "epochs": "three"}, "job.yaml: epochs: expected an integer, got 'three' (str)"),
+    ({"name": "r", "epochs": True}, "job.yaml: epochs: expected an integer, got True (bool)"),
+    ({"name": "r", "inner": {"kind": "ddpp"}}, "job.yaml: inner.kind: 'ddpp' is not allowed; choose one of: ddp, deepspeed"),
+    ({"name": "r", "inner": {"stage": 3}}, "job.yaml: inner.stage: 3 is not allowed; choose one of: 1, 2"),
+    ({"name": "r", "flag": "yes please"}, "job.yaml: flag: expected true or false"),
+    ({"name": "r", "sources": [{}, {"lr": "fast"}]}, "job.yaml: sources[1].lr: expected a number, got 'fast'"),
+    ({"name": "r", "inner": {"betas": [0.9]}}, "job.yaml: inner.betas: expected a list of 2 (a number, a number), got 1 items"),
+    ({"name": "r", "workers": [1, 2, 3]}, "job.yaml: workers: expected an integer or a list of 2"),
+    ({"epochs": 2}, "job.yaml: name: missing; expected a string"),
+    ({"name": "r", "epochs": 0}, "job.yaml: <top>: epochs must be >= 1, got 0"),
+    ({"name": "r", "inner": None}, "job.yaml: inner: must not be null"),
+])
+def test_each_mistake_is_one_line_naming_file_field_and_choices(data, needle):
+    with pytest.raises(ConfigError) as info:
+        _build(data)
+    message = str(info.value)
+    assert needle in message, message
+    assert "\n" not in message
+
+
+def test_overrides_coerce_types_and_reach_nested_fields():
+    s = _build({"name": "r"}, ["epochs=7", "inner.lr=1e-4", "inner.kind=deepspeed", "inner.stage=1",
+                               "workers=[1, 2]", "name=123", "flag=true", "optional.lr=0.5"])
+    assert (s.epochs, s.inner.lr, s.inner.kind, s.inner.stage, s.workers, s.name, s.flag) == \
+        (7, 1e-4, "deepspeed", 1, (1, 2), "123", True)
+    assert s.optional == Inner(lr=0.5)
+    with pytest.raises(ConfigError, match=r"job.yaml: epochs: expected an integer, got 'many'"):
+        _build({"name": "r"}, ["epochs=many"])
+    with pytest.raises(ConfigError, match=r"--set 'epochs': expected FIELD.PATH=VALUE"):
+        _build({"name": "r"}, ["epochs"])
+    with pytest.raises(ConfigError, match=r"name is not a section"):
+        _build({"name": "r"}, ["name.first=a"])
+
+
+def test_roundtrip_dump_and_secrets_redacted():
+    @dataclass(frozen=True)
+    class WithSecret:
+        key: str = ""
+        secret: str = ""
+        region: str = ""
+
+    s = _build({"name": "r", "workers": [1, 2], "inner": {"lr": 0.5}})
+    again = spec_lib.build(Outer, yaml.safe_load(spec_lib.dump_spec(s)), where="dump")
+    assert again == s
+    dumped = spec_lib.to_dict(WithSecret(key="AKIA", secret="shh", region="eu"))
+    assert dumped == {"key": "<redacted>", "secret": "<redacted>", "region": "eu"}
+
+
+def test_load_spec_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: train\nname: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML \(line"):
+        spec_lib.load_spec(bad)
+    nokind = tmp_path / "nokind.yaml"
+    nokind.write_text("name: x\n")
+    with pytest.raises(ConfigError, match=r"nokind.yaml: kind: missing; choose one of: train, ingest, eval"):
+        spec_lib.load_spec(nokind)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("kind: trian\n")
+    with pytest.raises(ConfigError, match=r"wrong.yaml: kind: 'trian' is not a job kind"):
+        spec_lib.load_spec(wrong)
+    with pytest.raises(ConfigError, match=r"no_such_job: no such job spec; pass a YAML file or one of: .*smoke"):
+        spec_lib.load_spec("no_such_job")
