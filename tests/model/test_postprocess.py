@@ -160,3 +160,23 @@ def test_predict_cli_writes_annotated_png(tmp_path, minilm_path, capsys):
     assert "3 detections" in capsys.readouterr().out
     rc = main(["predict", "--model", "no_such_model", "--texts", "a", str(image_path)])
     assert rc == 2 and "neither a model name" in capsys.readouterr().err
+
+
+def test_predict_cli_with_reparameterized_weights_needs_no_encoder(tmp_path, capsys):
+    import cv2
+
+    from yworld.model import build_model
+    from yworld.model.reparam import reparameterize
+    from yworld.model.weights import save_weights
+    from yworld.orchestrator.cli import main
+
+    vocab = torch.nn.functional.normalize(torch.randn(2, 24), dim=-1)
+    weights = save_weights(reparameterize(build_model("yolo_world_v2_tiny", text_dim=24), vocab), tmp_path / "rep")
+    image_path = tmp_path / "scene.png"
+    cv2.imwrite(str(image_path), scene(64, 96, (10, 10, 40, 40)))
+    args = ["predict", "--model", weights, "--text-encoder", str(tmp_path / "no-encoder-here"), "--size", "64",
+            "--score-thr", "0", "--max-det", "2", "--out", str(tmp_path / "out"), str(image_path)]
+    assert main([*args, "--texts", "cat,dog"]) == 0
+    assert "2 detections" in capsys.readouterr().out
+    assert main([*args, "--texts", "cat,dog,bird"]) == 2  # the folded vocabulary has 2 texts
+    assert "re-parameterized model has 2" in capsys.readouterr().err
