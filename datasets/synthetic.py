@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from yworld.datasets.storage import StorageOptions, filesystem, join, make_parent_dirs, storage_errors
+from yworld.datasets.storage import StorageOptions, filesystem, join, make_parent_dirs, probe, storage_errors
 
 # name -> (RGB, synonym). Saturated and far apart so colour is easy to see at any size.
 COLOURS: dict[str, tuple[tuple[int, int, int], str]] = {
@@ -106,6 +106,21 @@ class SyntheticPaths:
     world: str
     held_out: tuple[str, ...]
     train_categories: tuple[str, ...]
+
+    @classmethod
+    def at(cls, root: str) -> "SyntheticPaths":
+        """The paths of the world under `root` (the fixed layout generate() writes), without writing."""
+        u = lambda *p: join(root, *p)  # noqa: E731
+        cats = categories()
+        return cls(
+            root=root, detection_annotations=u("detection", "annotations.json"),
+            detection_images=u("detection", "images"), class_texts=u("detection", "class_texts.json"),
+            grounding_annotations=u("grounding", "annotations.json"), grounding_images=u("grounding", "images"),
+            image_text_annotations=u("image_text", "annotations.json"), image_text_images=u("image_text", "images"),
+            lvis_annotations=u("lvis", "annotations.json"), lvis_images=u("lvis", "images"),
+            lvis_class_texts=u("lvis", "class_texts.json"), world=u("world.json"),
+            held_out=tuple(c.name for c in cats if c.held_out),
+            train_categories=tuple(c.name for c in cats if not c.held_out))
 
     def ingest_configs(self, out_root: str, shard_size: int = 64) -> dict[str, Any]:
         """One IngestConfig per split, writing to `out_root/<source>`; keys are the source names."""
@@ -293,6 +308,7 @@ def generate(out_url: str, seed: int = 0, num_images: int = 320, img_size: int =
         raise ConfigError(f"synthetic world needs images >= 1 and size >= 64, got {num_images}, {img_size}")
     cats = categories()
     train = [c for c in cats if not c.held_out]
+    probe(out_url, storage)
     fs, root = filesystem(out_url, storage)
 
     def put(rel: str, data: bytes) -> None:
@@ -314,15 +330,8 @@ def generate(out_url: str, seed: int = 0, num_images: int = 320, img_size: int =
         world = {"seed": seed, "num_images": counts, "img_size": img_size, "clutter": clutter,
                  "categories": [{**asdict(c), "name": c.name, "synonyms": c.synonyms,
                                  "train_images": image_counts.get(c.id, 0)} for c in cats]}
-        put_json("world.json", world)
-    u = lambda *p: join(out_url, *p)  # noqa: E731
-    return SyntheticPaths(
-        root=out_url, detection_annotations=u("detection", "annotations.json"), detection_images=u("detection", "images"),
-        class_texts=u("detection", "class_texts.json"), grounding_annotations=u("grounding", "annotations.json"),
-        grounding_images=u("grounding", "images"), image_text_annotations=u("image_text", "annotations.json"),
-        image_text_images=u("image_text", "images"), lvis_annotations=u("lvis", "annotations.json"),
-        lvis_images=u("lvis", "images"), lvis_class_texts=u("lvis", "class_texts.json"), world=u("world.json"),
-        held_out=tuple(c.name for c in cats if c.held_out), train_categories=tuple(c.name for c in train))
+        put_json("world.json", world)  # last: its presence means "complete"
+    return SyntheticPaths.at(out_url)
 
 
 def _write_detection(put, put_json, seed, n, img, train, clutter, lo, hi) -> dict[int, int]:

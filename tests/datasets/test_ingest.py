@@ -184,3 +184,15 @@ def test_bad_config_is_one_line(tmp_path):
     with pytest.raises(DataError, match="does not exist; check the path"):
         ingest(IngestConfig(format="coco", annotations=[str(tmp_path / "nope.json")], images=["i"],
                             out=str(tmp_path / "o")))
+
+
+@pytest.mark.parametrize("name", ["ingest_objects365", "ingest_goldg", "ingest_cc3m", "ingest_lvis", "ingest_coco"])
+def test_packaged_ingest_jobs_are_valid(name, repo_root):
+    from yworld.orchestrator.spec import load_spec
+
+    job = load_spec(repo_root / "jobs" / f"{name}.yaml")
+    assert job.ingest
+    for cfg in job.ingest:
+        assert isinstance(cfg, IngestConfig)
+        cfg.validate()
+        assert cfg.out.startswith("s3://") and len(cfg.images) in (1, len(cfg.annotations))
