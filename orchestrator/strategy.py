@@ -169,7 +169,9 @@ class DeepSpeedStrategy(_Strategy):
         }
         model = model.to(self.device)
         # Ray Train has already set up torch.distributed (nccl on GPU, gloo on CPU); DeepSpeed joins it.
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        with _broadcast_handles_zero_dim_params():
+            self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                    config=ds_config)
         self.module = self.model.module
         self.input_dtype = _DTYPES[cfg.precision]
 
@@ -208,6 +210,28 @@ def make_strategy(cfg: StrategyConfig, model: nn.Module, optimizer: torch.optim.
     if cfg.kind == "deepspeed":
         return DeepSpeedStrategy(cfg, model, optimizer, accumulation, grad_clip)
     return DDPStrategy(cfg, model, optimizer, accumulation, grad_clip)
+
+
+@contextlib.contextmanager
+def _broadcast_handles_zero_dim_params() -> Iterator[None]:
+    """DeepSpeed 0.19 broadcasts rank 0's initial weights with `p.data.view(torch.uint8)`, which raises for
+    0-d parameters ("self.dim() cannot be 0"); YOLO-World's contrastive head has a 0-d bias. During
+    `deepspeed.initialize` only, broadcast every parameter ourselves from rank 0 (we use plain data
+    parallelism: no expert or sequence groups, so the world group is DeepSpeed's broadcast group)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._broadcast_model
+
+    def broadcast(engine) -> None:
+        with torch.no_grad():
+            for p in engine.module.parameters():
+                torch.distributed.broadcast(p.data.reshape(-1), src=0)  # reshape: a view, also for 0-d
+
+    DeepSpeedEngine._broadcast_model = broadcast
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._broadcast_model = original
 
 
 def _device() -> torch.device:

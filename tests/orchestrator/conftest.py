@@ -1,0 +1,43 @@
+"""Fixtures for the orchestrator's training tests: a tiny ingested synthetic world and small train jobs."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory, ray_session):
+    """A tiny synthetic detection set (64 images, 128 px) ingested into shards: URL of the shard folder."""
+    from yworld.datasets.ingest import ingest
+    from yworld.datasets.storage import StorageOptions
+    from yworld.datasets.synthetic import generate
+
+    root = tmp_path_factory.mktemp("train-data")
+    paths = generate(str(root / "raw"), seed=0, num_images=64, img_size=128)
+    cfg = paths.ingest_configs(str(root / "shards"), shard_size=32)["synthetic_det"]
+    ingest(cfg, StorageOptions(), progress=False)
+    return cfg.out
+
+
+def tiny_job_overrides(storage_path, shards: str, name: str = "tiny", **extra) -> list[str]:
+    """`--set` overrides turning the packaged smoke job into a test-sized one."""
+    base = {
+        "name": name, "storage_path": str(storage_path), "prepare.synthetic": "null",
+        "data.sources": f"[{{name: det, path: '{shards}'}}]", "data.img_size": 128, "data.window": 16,
+        "data.shuffle_buffer": 8, "data.close_mosaic_epochs": 0,
+        "train.epochs": 1, "train.global_batch": 4, "train.batch_per_worker": 2, "optim.warmup_min_steps": 4,
+        "optim.warmup_epochs": 0.25, "checkpoint.every_epochs": 0, "checkpoint.every_steps": 4,
+        "metrics.every_steps": 2, "metrics.progress": "false", "metrics.tensorboard": "true",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def tiny_job(tmp_path, train_shards):
+    """`tiny_job(name, **{"field.path": value}) -> TrainJob`: the smoke job at test size, run folder in tmp_path."""
+    from yworld.orchestrator.spec import load_spec
+
+    def make(name: str = "tiny", **extra):
+        return load_spec("smoke", tiny_job_overrides(tmp_path / "runs", train_shards, name, **extra))
+
+    return make
