@@ -295,8 +295,8 @@ def _ann(ann_id: int, image_id: int, o: Obj, **extra: Any) -> dict:
 
 
 def generate(out_url: str, seed: int = 0, num_images: int = 320, img_size: int = 256,
-             storage: StorageOptions | None = None, clutter: float = 0.5, objects: tuple[int, int] = (2, 6)
-             ) -> SyntheticPaths:
+             storage: StorageOptions | None = None, clutter: float = 0.5, objects: tuple[int, int] = (2, 6),
+             progress: bool = False) -> SyntheticPaths:
     """Write the synthetic world under `out_url` (a folder path or s3:// URL) and return its paths.
 
     `num_images` detection training images; grounding gets half as many, image-text and LVIS val a quarter
@@ -315,6 +315,8 @@ def generate(out_url: str, seed: int = 0, num_images: int = 320, img_size: int =
         path = f"{root}/{rel}"
         make_parent_dirs(fs, path)
         fs.pipe_file(path, data)
+        if rel.endswith(".jpg"):
+            bar.update(1)
 
     def put_json(rel: str, obj: Any) -> None:
         put(rel, json.dumps(obj, indent=None).encode("utf-8"))
@@ -322,7 +324,10 @@ def generate(out_url: str, seed: int = 0, num_images: int = 320, img_size: int =
     lo, hi = objects
     counts = {"detection": num_images, "grounding": max(8, num_images // 2),
               "image_text": max(8, num_images // 4), "lvis": max(8, num_images // 4)}
-    with storage_errors(out_url, storage):
+    from tqdm.auto import tqdm
+
+    with storage_errors(out_url, storage), tqdm(total=sum(counts.values()), unit="img", desc="synthetic world",
+                                                disable=not progress) as bar:
         image_counts = _write_detection(put, put_json, seed, counts["detection"], img_size, train, clutter, lo, hi)
         _write_grounding(put, put_json, seed, counts["grounding"], img_size, train, clutter, lo, hi)
         _write_image_text(put, put_json, seed, counts["image_text"], img_size, train, clutter, lo, hi)
@@ -450,7 +455,7 @@ def main(args: argparse.Namespace) -> int:
     from yworld.datasets.ingest import storage_from_args
 
     paths = generate(args.out, seed=args.seed, num_images=args.images, img_size=args.size,
-                     storage=storage_from_args(args), clutter=args.clutter)
+                     storage=storage_from_args(args), clutter=args.clutter, progress=True)
     print(f"synthetic world (seed {args.seed}) written to {paths.root}")
     for name, value in asdict(paths).items():
         if name != "root":
