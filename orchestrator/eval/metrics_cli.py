@@ -62,3 +62,18 @@ def format_table(result: EvalResult, subtitle: str = "") -> str:
         shown = "  n/a (no ground truth)" if value == -1 else f"{value:8.4f}"
         lines.append(f"  {name:<{width}} {shown}")
     return "\n".join(lines) + "\n"
+
+
+def format_rows(rows: list[dict], subtitle: str = "") -> str:
+    """Plain-text table of metric rows (protocol, split, metrics...): one column per protocol and split."""
+    meta = ("protocol", "protocol_label", "split")
+    lines = [subtitle] if subtitle else []
+    for label in dict.fromkeys(r["protocol_label"] for r in rows):
+        group = [r for r in rows if r["protocol_label"] == label]
+        names = list(dict.fromkeys(k for r in group for k in r if k not in meta))
+        lines.append(label)
+        lines.append("  " + " " * 14 + "".join(f"{r['split']:>10}" for r in group))
+        for name in names:
+            cells = "".join("       n/a" if r.get(name, -1) == -1 else f"{r[name]:10.4f}" for r in group)
+            lines.append(f"  {name:<14}{cells}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,363 @@
+"""`yworld eval JOB.yaml` (`kind: eval`): run a model over an LVIS/COCO val set with a Ray Data actor pool,
+write the predictions to storage and compute the metrics of every protocol asked for.
+
+    images (object storage) ─ Ray Data ─▶ Detector actors (1 GPU each in production, CPU here): letterbox,
+        network, multi-label NMS, per-image cap ─▶ predictions.parquet + results.json ─▶ metrics.json
+
+The vocabulary is fixed for the whole val set: one text per category in category-id order (the first
+synonym; ref: yolo-world.md §2 "Prompting"), embedded once on the driver (or read from an offline
+`Vocabulary`) and saved beside the outputs so later evaluations reuse it.
+
+Outputs under `output`: `predictions.parquet` (image_id, category_id, x, y, w, h, score), `results.json` (the
+standard results list), `metrics.json` (one row per protocol and category split), `vocabulary.*`.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from yworld.datasets.storage import StorageOptions, filesystem, join
+from yworld.model.errors import ConfigError, DataError, WeightsError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DatasetSpec", "InferenceSpec", "TextSpec", "EvalJob", "EvalOutcome", "evaluate_model", "run_job",
+           "add_arguments", "main"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The val set: a GT JSON and the folder its images are in."""
+
+    format: Literal["lvis", "coco"] = "lvis"
+    annotations: str = ""   # URL of the GT JSON
+    images: str = ""        # URL of the image folder; each image's `file_name` is relative to it (LVIS v1 has
+                            # none: the part of `coco_url` after images.cocodataset.org/, e.g. val2017/x.jpg)
+    class_texts: str = ""   # optional class-text JSON (official format, category-id order); default: the GT's
+                            # synonyms / names with '_' read as ' '
+    held_out: list[str] = field(default_factory=list)  # category names also reported apart (zero-shot split)
+    max_images: int = 0     # evaluate the first N images only (0: all), for quick checks
+
+    def __post_init__(self):
+        if self.max_images < 0:
+            raise ValueError("max_images must be >= 0")
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """Per-image settings of the detector. Paper protocol for Fixed AP: 1000 detections per image at score
+    0.001 (ref: yolo-world.md §4); the standard protocol trims to 300 per image itself."""
+
+    img_size: int = 640
+    batch_size: int = 8
+    score_threshold: float = 0.001
+    max_dets_per_image: int = 1000
+    nms_iou: float = 0.7
+    pre_nms_topk: int = 30000
+    num_actors: int = 1      # actors in the pool (one model replica each)
+    use_gpu: bool = False    # one GPU per actor
+    cpus_per_actor: float = 1.0
+
+    def __post_init__(self):
+        if self.img_size % 32 or self.img_size <= 0:
+            raise ValueError(f"img_size must be a positive multiple of 32, got {self.img_size}")
+        if self.batch_size < 1 or self.num_actors < 1 or self.max_dets_per_image < 1 or self.cpus_per_actor <= 0:
+            raise ValueError("batch_size, num_actors, max_dets_per_image must be >= 1 and cpus_per_actor > 0")
+        if not 0 <= self.score_threshold < 1 or not 0 < self.nms_iou <= 1:
+            raise ValueError("score_threshold must be in [0, 1) and nms_iou in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Where the class-text embeddings come from."""
+
+    encoder: str = "openai/clip-vit-base-patch32"  # HF id / folder / "minilm"; must match the model's text_dim
+    vocabulary: str = ""  # an offline Vocabulary (.safetensors + .json) holding the class texts: no encoder
+
+
+Protocol = Literal["standard", "fixed", "coco"]
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    kind: Literal["eval"]
+    name: str = "eval"
+    description: str = ""
+    address: str = ""
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    model: str = ""          # our weights (.safetensors + .json), or a checkpoint / final/ folder holding them
+    text: TextSpec = field(default_factory=TextSpec)
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    inference: InferenceSpec = field(default_factory=InferenceSpec)
+    protocols: list[Protocol] = field(default_factory=lambda: ["standard", "fixed"])
+    output: str = "runs/eval"  # predictions and metrics go to {output}/{name}/
+
+    def __post_init__(self):
+        _check_protocols(self.protocols, self.dataset.format)
+        if not self.model:
+            raise ValueError("model: give the weights to evaluate (a .safetensors file or a checkpoint folder)")
+
+
+def _check_protocols(protocols: list[str], fmt: str) -> None:
+    allowed = {"lvis": {"standard", "fixed"}, "coco": {"coco"}}[fmt]
+    bad = [p for p in protocols if p not in allowed]
+    if bad or not protocols:
+        raise ValueError(f"protocols: {bad or protocols} do not apply to {fmt} data; choose from {sorted(allowed)}")
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    output: str
+    detections: int
+    rows: list[dict]  # one per (protocol, split): protocol, protocol_label, split, metric values
+
+    def metrics(self, protocol: str, split: str = "all") -> dict[str, float]:
+        row = next(r for r in self.rows if r["protocol"] == protocol and r["split"] == split)
+        return {k: v for k, v in row.items() if k not in ("protocol", "protocol_label", "split")}
+
+
+# ------------------------------------------------------------------------------------------ inference
+class Detector:
+    """Ray Data actor: one model replica; batch of image URLs in, one row per detection out."""
+
+    def __init__(self, weights: str, text_embeds: np.ndarray, category_ids: np.ndarray, inference: InferenceSpec,
+                 storage: StorageOptions):
+        import torch
+
+        from yworld.model.weights import load_model
+
+        self.device = torch.device("cuda" if inference.use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(inference.cpus_per_actor)))
+        self.model = load_model(weights, device=self.device)
+        self.text = torch.from_numpy(text_embeds).to(self.device)
+        self.category_ids = category_ids
+        self.inference = inference
+        self.storage = storage
+
+    def _read(self, url: str) -> np.ndarray:
+        import cv2
+
+        fs, path = filesystem(url, self.storage)
+        try:
+            data = np.frombuffer(fs.cat_file(path), np.uint8)
+        except FileNotFoundError:
+            raise DataError(f"image {url} not found; check dataset.images") from None
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        if image is None:
+            raise DataError(f"image {url} cannot be decoded")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from yworld.model.predict import predict
+
+        inf = self.inference
+        images = [self._read(str(u)) for u in batch["url"]]
+        dets = predict(self.model, images, text_embeds=self.text, size=inf.img_size, score_thr=inf.score_threshold,
+                       iou_thr=inf.nms_iou, max_det=inf.max_dets_per_image, pre_nms_topk=inf.pre_nms_topk,
+                       batch_size=inf.batch_size)
+        counts = [len(d) for d in dets]
+        boxes = np.concatenate([d.boxes.numpy().reshape(-1, 4) for d in dets]).astype(np.float64)
+        return {
+            "image_id": np.repeat(batch["image_id"].astype(np.int64), counts),
+            "category_id": self.category_ids[np.concatenate([d.labels.numpy() for d in dets]).astype(np.int64)],
+            "x": boxes[:, 0], "y": boxes[:, 1], "w": boxes[:, 2] - boxes[:, 0], "h": boxes[:, 3] - boxes[:, 1],
+            "score": np.concatenate([d.scores.numpy() for d in dets]).astype(np.float64),
+        }
+
+
+def run_inference(weights: str, images: list[dict], text_embeds: np.ndarray, category_ids: np.ndarray,
+                  inference: InferenceSpec, storage: StorageOptions):
+    """Detections of every image as an Arrow table (image_id, category_id, x, y, w, h, score)."""
+    import pyarrow as pa
+    import ray
+
+    blocks = max(1, min(len(images), inference.num_actors * 4))
+    ds = ray.data.from_items(images, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        Detector, batch_size=inference.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=inference.num_actors),
+        num_gpus=1 if inference.use_gpu else 0, num_cpus=inference.cpus_per_actor,
+        fn_constructor_kwargs=dict(weights=weights, text_embeds=text_embeds, category_ids=category_ids,
+                                   inference=inference, storage=storage))
+    tables = [t for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
+    schema = pa.schema([("image_id", pa.int64()), ("category_id", pa.int64()), ("x", pa.float64()),
+                        ("y", pa.float64()), ("w", pa.float64()), ("h", pa.float64()), ("score", pa.float64())])
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])
+
+
+# ------------------------------------------------------------------------------------------ the job
+def image_list(gt: dict, images_url: str, max_images: int = 0) -> list[dict]:
+    """[{image_id, url}] in image-id order."""
+    out = []
+    for im in sorted(gt["images"], key=lambda i: i["id"]):
+        name = im.get("file_name") or str(im.get("coco_url", "")).split("images.cocodataset.org/")[-1]
+        if not name:
+            raise DataError(f"image {im['id']}: neither file_name nor coco_url; cannot locate it in {images_url}")
+        out.append({"image_id": int(im["id"]), "url": join(images_url, name)})
+    return out[:max_images] if max_images else out
+
+
+def class_texts(gt: dict, class_texts_url: str, storage: StorageOptions) -> tuple[np.ndarray, list[str]]:
+    """(category ids sorted, one text per category): the first synonym (ref: yolo-world.md §2)."""
+    cats = sorted(gt["categories"], key=lambda c: c["id"])
+    ids = np.asarray([c["id"] for c in cats], np.int64)
+    if class_texts_url:
+        from yworld.model.vocabulary import pick_texts, read_class_texts
+
+        texts = read_class_texts(class_texts_url)
+        if len(texts) != len(cats):
+            raise DataError(f"{class_texts_url}: {len(texts)} class texts for {len(cats)} categories; the list "
+                            "must follow the ground truth's categories in id order")
+        return ids, pick_texts(texts, train=False)
+    names = [(c.get("synonyms") or [c.get("name", str(c["id"]))])[0] for c in cats]
+    return ids, [str(n).replace("_", " ") for n in names]
+
+
+def _text_embeddings(texts: list[str], text: TextSpec, cache_url: str) -> np.ndarray:
+    """[N, D] float32 embeddings: the offline vocabulary if given; else the one cached beside the outputs by
+    an earlier evaluation with the same encoder; else the encoder (and the result is cached)."""
+    from yworld.model.vocabulary import Vocabulary
+
+    if text.vocabulary:
+        return Vocabulary.load(text.vocabulary).encode(texts).numpy().astype(np.float32)
+    if cache_url:
+        try:
+            cached = Vocabulary.load(cache_url)
+            if cached.encoder_id == text.encoder:
+                return cached.encode(texts).numpy().astype(np.float32)
+        except (FileNotFoundError, DataError, WeightsError):
+            pass  # absent, or made for other texts: encode again
+    from yworld.model.text import TextEncoder
+
+    vocab = Vocabulary.from_encoder(TextEncoder(text.encoder, device="cpu"), texts)
+    if cache_url:
+        vocab.save(cache_url)
+    return vocab.embeddings.numpy().astype(np.float32)
+
+
+def resolve_weights(model: str, storage: StorageOptions) -> str:
+    """A checkpoint / final/ folder means its model.safetensors."""
+    fs, path = filesystem(model, storage)
+    if not str(model).endswith((".safetensors", ".json")) and fs.isdir(path):
+        return join(model, "model.safetensors")
+    return model
+
+
+def evaluate_model(weights: str, dataset: DatasetSpec, inference: InferenceSpec, text: TextSpec,
+                   protocols: list[str], output: str, storage: StorageOptions,
+                   vocabulary_cache: str = "") -> EvalOutcome:
+    """Inference + metrics for one set of weights; writes the outputs under `output`. Needs Ray."""
+    from yworld.orchestrator.eval.ground_truth import load_ground_truth, read_json
+
+    storage = storage.resolved()
+    _check_protocols(protocols, dataset.format)
+    if not dataset.annotations or not dataset.images:
+        raise ConfigError("dataset: set both annotations (GT JSON) and images (image folder)")
+    gt_dict = read_json(dataset.annotations, dataset.annotations)
+    gt = load_ground_truth(gt_dict, dataset.format, name=dataset.annotations)  # validate before inference
+    category_ids, texts = class_texts(gt_dict, dataset.class_texts, storage)
+    embeds = _text_embeddings(texts, text, vocabulary_cache or join(output, "vocabulary"))
+    images = image_list(gt_dict, dataset.images, dataset.max_images)
+    log.info("evaluating %s on %d images x %d categories (%s)", weights, len(images), len(texts),
+             ", ".join(protocols))
+    table = run_inference(resolve_weights(weights, storage), images, embeds, category_ids, inference, storage)
+    rows = _metrics_rows(gt, gt_dict, table, dataset, protocols, {im["image_id"] for im in images})
+    _write_outputs(output, table, rows, storage)
+    return EvalOutcome(output, table.num_rows, rows)
+
+
+def _metrics_rows(gt, gt_dict: dict, table, dataset: DatasetSpec, protocols: list[str], evaluated: set) -> list[dict]:
+    from yworld.orchestrator.eval.coco_metrics import evaluate_coco
+    from yworld.orchestrator.eval.lvis_metrics import evaluate_lvis
+
+    dets = detections_from_table(table, "predictions")
+    if len(evaluated) < len(gt.image_ids):  # max_images: score the evaluated images only
+        from yworld.orchestrator.eval.ground_truth import load_ground_truth
+
+        sub = dict(gt_dict, images=[i for i in gt_dict["images"] if i["id"] in evaluated],
+                   annotations=[a for a in gt_dict["annotations"] if a["image_id"] in evaluated])
+        gt = load_ground_truth(sub, dataset.format, name=gt.source)
+    splits: dict[str, np.ndarray | None] = {"all": None}
+    if dataset.held_out:
+        names = {str(c["id"]): str(c.get("name", "")).replace("_", " ") for c in gt_dict["categories"]}
+        wanted = {n.replace("_", " ") for n in dataset.held_out}
+        held = np.asarray([int(i) for i, n in names.items() if n in wanted], np.int64)
+        if len(held) != len(wanted):
+            raise ConfigError(f"dataset.held_out: {sorted(wanted - set(names.values()))} are not categories of "
+                              f"{dataset.annotations}")
+        splits["seen"] = np.setdiff1d(gt.category_ids, held)
+        splits["held-out"] = held
+    rows = []
+    for protocol in protocols:
+        for split, cats in splits.items():
+            if protocol == "coco":
+                if cats is not None:
+                    continue  # COCO has no split reporting here
+                result = evaluate_coco(gt, dets)
+            else:
+                result = evaluate_lvis(gt, dets, protocol, categories=cats)
+            rows.append({"protocol": result.protocol, "protocol_label": result.label, "split": split,
+                         **result.metrics})
+    return rows
+
+
+def detections_from_table(table, source: str):
+    from yworld.orchestrator.eval.results_io import Detections
+
+    col = lambda n: table.column(n).to_numpy()  # noqa: E731
+    return Detections(source, col("image_id").astype(np.int64), col("category_id").astype(np.int64),
+                      np.stack([col("x"), col("y"), col("w"), col("h")], 1).astype(np.float64).reshape(-1, 4),
+                      col("score").astype(np.float64))
+
+
+def _write_outputs(output: str, table, rows: list[dict], storage: StorageOptions) -> None:
+    import pyarrow.parquet as pq
+
+    from yworld.datasets.storage import write_bytes_atomic
+
+    fs, root = filesystem(output, storage)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes_atomic(fs, f"{root}/predictions.parquet", buf.getvalue())
+    dets = detections_from_table(table, "predictions")
+    write_bytes_atomic(fs, f"{root}/results.json", json.dumps(dets.to_records()).encode())
+    write_bytes_atomic(fs, f"{root}/metrics.json", json.dumps(rows, indent=1).encode())
+
+
+def run_job(job: EvalJob, address: str | None = None) -> EvalOutcome:
+    from yworld.orchestrator.run import init_ray
+
+    init_ray(address or job.address, min_cpus=job.inference.num_actors * job.inference.cpus_per_actor + 1)
+    return evaluate_model(job.model, job.dataset, job.inference, job.text, list(job.protocols),
+                          join(job.output, job.name), job.storage)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", help="eval job spec (kind: eval), e.g. jobs/eval_lvis_minival.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a spec field, e.g. --set model=runs/smoke/final (repeatable)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: spec, $RAY_ADDRESS, local)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from yworld.orchestrator.eval.metrics_cli import format_rows
+    from yworld.orchestrator.spec import load_spec
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    job = load_spec(args.job, args.overrides)
+    if job.kind != "eval":
+        raise ConfigError(f"{args.job}: kind: {job.kind!r}; `yworld eval` runs kind: eval specs "
+                          "(use `yworld eval-watch` or `yworld run` for the others)")
+    outcome = run_job(job, args.address)
+    print(format_rows(outcome.rows, f"{outcome.detections:,} detections -> {outcome.output}"))
+    return 0
