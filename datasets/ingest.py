@@ -24,11 +24,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from yworld.datasets.formats import DEFAULT_SOURCE, FORMATS, ImageEntry, Parsed, Rejects, build_record, \
-    load_image_bytes, reader
+from yworld.datasets.formats import (
+    DEFAULT_SOURCE, FORMATS, ImageEntry, Parsed, Rejects, build_record, load_image_bytes, reader,
+)
 from yworld.datasets.manifest import Manifest, ShardInfo, write_manifest
 from yworld.datasets.storage import (
-    TMP_SUFFIX, StorageOptions, filesystem, join, probe, read_bytes, storage_errors, write_bytes_atomic,
+    TMP_SUFFIX, StorageOptions, filesystem, probe, read_bytes, storage_errors, write_bytes_atomic,
 )
 from yworld.model.errors import ConfigError, DataError, YWorldError
 
@@ -247,6 +248,22 @@ def _remove_stale(fs, out_path: str, keep: set[str]) -> None:
                 fs.rm(f"{folder}/{name}")
 
 
+def _retract_outdated_manifest(cfg: IngestConfig, storage: StorageOptions, plan: str) -> None:
+    """A finished ingest of *other* inputs or settings stops being visible before its shards are replaced
+    (the same plan rewrites identical bytes, so its manifest stays valid throughout)."""
+    from yworld.datasets.manifest import MANIFEST_FILE
+
+    fs, out_path = filesystem(cfg.out, storage)
+    with storage_errors(cfg.out, storage):
+        try:
+            old = json.loads(fs.cat_file(f"{out_path}/{MANIFEST_FILE}"))
+        except (FileNotFoundError, ValueError):
+            return
+        if old.get("inputs", {}).get("plan") != plan:
+            log.info("%s holds an ingest of other inputs; replacing it", cfg.out)
+            fs.rm(f"{out_path}/{MANIFEST_FILE}")
+
+
 def ingest(cfg: IngestConfig, storage: StorageOptions | None = None, progress: bool = True) -> IngestSummary:
     """Run one ingest; see the module docstring. Raises ConfigError / DataError / StorageError (one line)
     for problems with the whole job; per-image and per-box problems are only counted."""
@@ -262,6 +279,7 @@ def ingest(cfg: IngestConfig, storage: StorageOptions | None = None, progress: b
     chunks = [parsed.entries[i: i + cfg.shard_size] for i in range(0, len(parsed.entries), cfg.shard_size)]
     jobs = [(i, chunk, cfg.out, _shard_key(plan, chunk), storage, min_size, cfg.row_group_size)
             for i, chunk in enumerate(chunks)]
+    _retract_outdated_manifest(cfg, storage, plan)
     started_ray = _ensure_ray()
     try:
         results = _run_shards(jobs, cfg, storage, progress)

@@ -77,7 +77,7 @@ def test_rerun_skips_verified_shards_and_rewrites_a_tampered_one(world, tmp_path
     assert read_manifest(str(out)).shards == first.shards  # deterministic: the same bytes again
 
 
-def test_resume_after_kill_and_stale_shards(world, tmp_path, ray_session):
+def test_resume_after_kill_and_stale_shards(world, tmp_path, ray_session, monkeypatch):
     out = tmp_path / "det"
     ingest(_det_cfg(world, out), progress=False)
     good = read_manifest(str(out))
@@ -93,8 +93,16 @@ def test_resume_after_kill_and_stale_shards(world, tmp_path, ray_session):
     resumed = ingest(_det_cfg(world, out), progress=False)
     assert resumed.shards_skipped == 2 and read_manifest(str(out)).shards == good.shards
     assert not list(out.glob(".*.tmp"))
-    # A re-ingest with another shard size replaces the plan: old shards disappear, the manifest is new.
+    # A re-ingest with another shard size replaces the plan: the old manifest is retracted before any shard
+    # changes, old shards disappear, the manifest is new.
+    from yworld.datasets import ingest as ingest_module
+
+    seen = []
+    real_run = ingest_module._run_shards
+    monkeypatch.setattr(ingest_module, "_run_shards",
+                        lambda *a, **k: seen.append((out / "manifest.json").exists()) or real_run(*a, **k))
     ingest(_det_cfg(world, out, shard_size=10), progress=False)
+    assert seen == [False]
     m = read_manifest(str(out))
     assert [s.rows for s in m.shards] == [10, 10, 4]
     assert sorted(p.name for p in out.glob("part-*.parquet")) == [s.path for s in m.shards]
