@@ -27,8 +27,8 @@ from yworld.model.errors import ConfigError, DataError, WeightsError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DatasetSpec", "InferenceSpec", "TextSpec", "EvalJob", "EvalOutcome", "evaluate_model", "run_job",
-           "add_arguments", "main"]
+__all__ = ["DatasetSpec", "InferenceSpec", "TextSpec", "EvalJob", "EvalOutcome", "TrainEvalSpec", "evaluate_model",
+           "evaluate_run_model", "run_job", "add_arguments", "main"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,26 @@ class EvalOutcome:
     def metrics(self, protocol: str, split: str = "all") -> dict[str, float]:
         row = next(r for r in self.rows if r["protocol"] == protocol and r["split"] == split)
         return {k: v for k, v in row.items() if k not in ("protocol", "protocol_label", "split")}
+
+    def format(self) -> str:
+        """The metrics as a text table: one block per protocol, one column per category split."""
+        from yworld.orchestrator.eval.metrics_cli import format_rows
+
+        return format_rows(self.rows, f"{self.detections:,} detections -> {self.output}")
+
+
+@dataclass(frozen=True)
+class TrainEvalSpec:
+    """The `eval:` section of a train job: evaluate the final model when training ends (the smoke job
+    reports seen vs held-out AP this way). Results join the run's evaluation table like eval-watch's."""
+
+    name: str = "val"  # {run}/eval/{name}/
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    inference: InferenceSpec = field(default_factory=InferenceSpec)
+    protocols: list[Protocol] = field(default_factory=lambda: ["standard", "fixed"])
+
+    def __post_init__(self):
+        _check_protocols(self.protocols, self.dataset.format)
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -333,6 +353,29 @@ def _write_outputs(output: str, table, rows: list[dict], storage: StorageOptions
     write_bytes_atomic(fs, f"{root}/metrics.json", json.dumps(rows, indent=1).encode())
 
 
+def evaluate_run_model(spec: TrainEvalSpec, run_url: str, text_encoder: str, storage: StorageOptions,
+                       model_dir: str = "final") -> EvalOutcome:
+    """Evaluate `{run_url}/{model_dir}/` (model.safetensors + model.json [+ meta.json]) into
+    `{run_url}/eval/{spec.name}/{model_dir}/`, record it in the run's table and report. Needs Ray."""
+    from yworld.datasets.storage import write_bytes_atomic
+    from yworld.orchestrator.eval import claims, report
+
+    storage = storage.resolved()
+    model_url, eval_url = join(run_url, model_dir), join(run_url, "eval", spec.name)
+    fs, meta_path = filesystem(join(model_url, "meta.json"), storage)
+    meta = json.loads(fs.cat_file(meta_path)) if fs.exists(meta_path) else {}
+    output = join(eval_url, model_dir)
+    outcome = evaluate_model(join(model_url, "model.safetensors"), spec.dataset, spec.inference,
+                             TextSpec(encoder=text_encoder), list(spec.protocols), output, storage,
+                             vocabulary_cache=join(eval_url, "vocabulary"))
+    done_fs, done_path = filesystem(join(output, claims.DONE), storage)
+    write_bytes_atomic(done_fs, done_path, json.dumps({
+        "checkpoint": model_dir, "step": int(meta.get("step", 0)), "epoch": int(meta.get("epoch", 0)),
+        "rows": outcome.rows}).encode())
+    report.regenerate(eval_url, storage, f"Evaluation `{spec.name}` of run `{run_url.rstrip('/').rsplit('/', 1)[-1]}`")
+    return outcome
+
+
 def run_job(job: EvalJob, address: str | None = None) -> EvalOutcome:
     from yworld.orchestrator.run import init_ray
 
@@ -350,7 +393,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from yworld.orchestrator.eval.metrics_cli import format_rows
     from yworld.orchestrator.spec import load_spec
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -358,6 +400,5 @@ def main(args: argparse.Namespace) -> int:
     if job.kind != "eval":
         raise ConfigError(f"{args.job}: kind: {job.kind!r}; `yworld eval` runs kind: eval specs "
                           "(use `yworld eval-watch` or `yworld run` for the others)")
-    outcome = run_job(job, args.address)
-    print(format_rows(outcome.rows, f"{outcome.detections:,} detections -> {outcome.output}"))
+    print(run_job(job, args.address).format())
     return 0

@@ -30,6 +30,11 @@ def world(tmp_path_factory):
     return paths, weights
 
 
+def job_dataset(paths) -> dict:
+    return {"format": "lvis", "annotations": paths.lvis_annotations, "images": paths.lvis_images,
+            "held_out": HELD_OUT}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_watch_evaluates_checkpoint_with_actor_pool(ray_session, world, tmp_path, capsys):
@@ -42,8 +47,7 @@ def test_watch_evaluates_checkpoint_with_actor_pool(ray_session, world, tmp_path
     (ckpt / "meta.json").write_text(json.dumps({"step": 12, "epoch": 1}))
     job = build(WatchJob, {
         "kind": "eval-watch", "name": "val", "run": "smoke", "storage_path": str(tmp_path / "runs"),
-        "dataset": {"format": "lvis", "annotations": paths.lvis_annotations, "images": paths.lvis_images,
-                    "held_out": HELD_OUT},
+        "dataset": job_dataset(paths),
         # Random weights score everything low: threshold 0 so the pool really produces (capped) detections.
         "inference": {"img_size": 128, "batch_size": 4, "score_threshold": 0.0, "max_dets_per_image": CAP,
                       "num_actors": 2},
@@ -72,3 +76,18 @@ def test_watch_evaluates_checkpoint_with_actor_pool(ray_session, world, tmp_path
     assert set(results.step) == {12} and len(results) == 6 and "AR@10000/cat" in results
     assert (eval_dir / "report.md").exists() and (eval_dir / "vocabulary.safetensors").exists()
     assert watch(job, once=True) == []  # done: never again
+
+    # the train job's `eval:` section: the final model joins the same table, seen vs held-out printed
+    from yworld.datasets.storage import StorageOptions
+    from yworld.orchestrator.eval.job import TrainEvalSpec, evaluate_run_model
+
+    final = tmp_path / "runs" / "smoke" / "final"
+    shutil.copytree(ckpt, final, ignore=shutil.ignore_patterns("spec.yaml"))
+    (final / "meta.json").write_text(json.dumps({"step": 20, "epoch": 2}))
+    spec = build(TrainEvalSpec, {"dataset": job_dataset(paths), "inference": {
+        "img_size": 128, "score_threshold": 0.0, "max_dets_per_image": 5}, "protocols": ["standard"]})
+    outcome = evaluate_run_model(spec, str(tmp_path / "runs" / "smoke"), "minilm", StorageOptions())
+    text = outcome.format()
+    assert "LVIS standard" in text and "held-out" in text and "APr" in text
+    results = pd.read_csv(eval_dir / "results.csv")
+    assert sorted(set(results.checkpoint)) == [ckpt.name, "final"] and set(results.step) == {12, 20}
