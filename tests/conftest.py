@@ -47,6 +47,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always a fresh instance, never a cluster someone started with `ray start`
             num_cpus=4,  # logical CPUs: 2 Train workers + Ray Data tasks on a 2-core machine
             include_dashboard=False,
             log_to_driver=False,
