@@ -24,11 +24,11 @@ def _exists(url: str, storage: StorageOptions) -> bool:
 
 def synthetic_ingests(spec: SyntheticSpec, storage: StorageOptions) -> list[IngestConfig]:
     """Generate the synthetic world unless present; the ingest configs that turn it into shards."""
-    from yworld.datasets.synthetic import generate
+    from yworld.datasets.synthetic import SyntheticPaths, generate
 
     if _exists(join(spec.raw, "world.json"), storage):  # world.json is the last file generate() writes
         log.info("synthetic world already at %s", spec.raw)
-        paths = _synthetic_paths(spec.raw)
+        paths = SyntheticPaths.at(spec.raw)
     else:
         log.info("writing the synthetic world (%d images, %d px) to %s", spec.num_images, spec.img_size, spec.raw)
         paths = generate(spec.raw, seed=spec.seed, num_images=spec.num_images, img_size=spec.img_size,
@@ -43,22 +43,5 @@ def prepare_data(synthetic: SyntheticSpec | None, ingests: list[IngestConfig], s
         if _exists(join(cfg.out, "manifest.json"), storage):
             log.info("%s: already ingested", cfg.out)
             continue
-        summary = ingest(cfg, storage, progress=progress)
-        log.info("%s", summary)
+        ingest(cfg, storage, progress=progress)  # logs its own summary
 
-
-def _synthetic_paths(root: str):
-    """The `SyntheticPaths` of a world generate() already wrote under `root` (its fixed layout), without
-    rendering every image again (~20 s on 2 cores)."""
-    from yworld.datasets.synthetic import SyntheticPaths, categories
-
-    u = lambda *p: join(root, *p)  # noqa: E731
-    cats = categories()
-    return SyntheticPaths(
-        root=root, detection_annotations=u("detection", "annotations.json"), detection_images=u("detection", "images"),
-        class_texts=u("detection", "class_texts.json"), grounding_annotations=u("grounding", "annotations.json"),
-        grounding_images=u("grounding", "images"), image_text_annotations=u("image_text", "annotations.json"),
-        image_text_images=u("image_text", "images"), lvis_annotations=u("lvis", "annotations.json"),
-        lvis_images=u("lvis", "images"), lvis_class_texts=u("lvis", "class_texts.json"), world=u("world.json"),
-        held_out=tuple(c.name for c in cats if c.held_out), train_categories=tuple(c.name for c in cats
-                                                                                 if not c.held_out))

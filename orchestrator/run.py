@@ -43,7 +43,8 @@ def init_ray(address: str | None, min_cpus: float = 0) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, local Ray
     num_cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+    # address="local": always a new private Ray, never a `ray start` cluster that happens to run on this host
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
 
 
 def run_job(job, address: str | None = None) -> object:
@@ -58,6 +59,11 @@ def run_job(job, address: str | None = None) -> object:
         outcome = fit(job)
         log.info("run %s: %d / %d steps; final model %s", outcome.run_url, outcome.steps, outcome.total_steps,
                  outcome.final_model)
+        if job.eval is not None:  # evaluate the final model; results join the run's eval table
+            from yworld.orchestrator.eval.job import evaluate_run_model
+
+            outcome.evaluation = evaluate_run_model(job.eval, outcome.run_url, job.model.text_encoder,
+                                                    job.storage)
         return outcome
     if kind == "ingest":
         from yworld.orchestrator.prepare import prepare_data
@@ -65,9 +71,11 @@ def run_job(job, address: str | None = None) -> object:
         init_ray(address or job.address)
         prepare_data(job.synthetic, job.ingest, job.storage.resolved())
         return None
-    from yworld.orchestrator.eval_jobs import run_eval_job
-
-    return run_eval_job(job, address)
+    if kind == "eval":
+        from yworld.orchestrator.eval.job import run_job as run_eval
+    else:
+        from yworld.orchestrator.eval.watch import run_job as run_eval
+    return run_eval(job, address)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -90,4 +98,8 @@ def main(args: argparse.Namespace) -> int:
     if job.kind == "train":
         print(f"run: {outcome.run_url}\nsteps: {outcome.steps} / {outcome.total_steps}\n"
               f"final model: {outcome.final_model}")
+        if outcome.evaluation is not None:
+            print(outcome.evaluation.format())
+    elif job.kind == "eval":
+        print(outcome.format())
     return 0

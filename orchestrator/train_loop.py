@@ -80,6 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- the stream and the steps
     step, window = progress.step, _Window()
+    resumed_from = progress.step  # reported with every metric: a change shows a restart and where it began
     strategy.model.train()
     for epoch in range(progress.epoch, job.train.epochs):
         if step >= total_steps:
@@ -119,7 +120,8 @@ def train_loop_per_worker(config: dict) -> None:
             save = (step == total_steps or (every.every_steps and step % every.every_steps == 0)
                     or (end_of_epoch and every.every_epochs and (epoch + 1) % every.every_epochs == 0))
             if save or step % job.metrics.every_steps == 0:
-                metrics = window.flush(step, epoch, schedule, world, accumulation, device)
+                metrics = {**window.flush(step, epoch, schedule, world, accumulation, device),
+                           "resumed_from_step": resumed_from}
                 if not save:
                     ray.train.report(metrics)
                     continue

@@ -13,6 +13,7 @@ from typing import Literal
 from yworld.datasets.ingest import IngestConfig
 from yworld.datasets.storage import StorageOptions
 from yworld.datasets.stream import StreamConfig
+from yworld.orchestrator.eval.job import TrainEvalSpec
 from yworld.orchestrator.strategy import StrategyConfig
 
 __all__ = ["ModelSpec", "OptimSpec", "LossSpec", "TrainSpec", "ScalingSpec", "CheckpointSpec", "MetricsSpec",
@@ -164,6 +165,7 @@ class TrainJob:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
+    eval: TrainEvalSpec | None = None  # evaluate the final model when training ends (yworld.orchestrator.eval)
 
     def __post_init__(self):
         if not self.name or "/" in self.name:

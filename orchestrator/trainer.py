@@ -32,6 +32,7 @@ class TrainOutcome:
     metrics: dict[str, Any]  # the last reported metrics
     history: list[dict[str, Any]]  # every report this driver saw
     checkpoint: str | None  # the latest checkpoint folder
+    evaluation: Any = None  # EvalOutcome of the job's `eval:` section, when it has one
 
 
 def run_url(job: TrainJob) -> str:

@@ -33,11 +33,14 @@ def tiny_job_overrides(storage_path, shards: str, name: str = "tiny", **extra) -
 
 
 @pytest.fixture
-def tiny_job(tmp_path, train_shards):
+def tiny_overrides(tmp_path, train_shards):
+    """`tiny_overrides(name, **{"field.path": value}) -> list[str]`: `--set` overrides of the smoke job."""
+    return lambda name="tiny", **extra: tiny_job_overrides(tmp_path / "runs", train_shards, name, **extra)
+
+
+@pytest.fixture
+def tiny_job(tiny_overrides):
     """`tiny_job(name, **{"field.path": value}) -> TrainJob`: the smoke job at test size, run folder in tmp_path."""
     from yworld.orchestrator.spec import load_spec
 
-    def make(name: str = "tiny", **extra):
-        return load_spec("smoke", tiny_job_overrides(tmp_path / "runs", train_shards, name, **extra))
-
-    return make
+    return lambda name="tiny", **extra: load_spec("smoke", tiny_overrides(name, **extra))
