@@ -114,3 +114,50 @@ def test_load_spec_errors_name_the_file(tmp_path):
         spec_lib.load_spec(wrong)
     with pytest.raises(ConfigError, match=r"no_such_job: no such job spec; pass a YAML file or one of: .*smoke"):
         spec_lib.load_spec("no_such_job")
+
+
+PRETRAIN = ["pretrain_s", "pretrain_m", "pretrain_l", "pretrain_x", "pretrain_l_deepspeed"]
+
+
+def test_every_packaged_job_spec_loads_and_saves_back():
+    from yworld.orchestrator.spec import _packaged_job_dirs
+
+    names = sorted({p.stem for d in _packaged_job_dirs() for p in d.glob("*.yaml")})
+    assert {"smoke", "finetune_coco", *PRETRAIN} <= set(names)
+    for name in names:
+        job = spec_lib.load_spec(name)
+        again = spec_lib.build(type(job), yaml.safe_load(spec_lib.dump_spec(job)), where=f"{name} (dumped)")
+        assert again == job, name
+
+
+@pytest.mark.parametrize("name", PRETRAIN)
+def test_pretrain_specs_state_the_paper_recipe(name):
+    """ref: yolo-world.md §3 (O365 + GoldG [+ CC3M for X], 640 px, 100 epochs, AdamW 2e-3 at 512 = 32 x 16,
+    effective weight decay 0.2, warmup 3 epochs / >= 1000 steps, linear to 0.01x, clip 10, EMA 1e-4,
+    close mosaic 2, AMP, frozen CLIP, TAL)."""
+    job = spec_lib.load_spec(name)
+    size = name.split("_")[1]
+    assert job.model.name == f"yolo_world_v2_{size}" and job.model.text_encoder == "openai/clip-vit-base-patch32"
+    sources = {s.name for s in job.data.sources}
+    assert sources == ({"objects365", "goldg", "cc3m"} if size == "x" else {"objects365", "goldg"})
+    assert (job.data.img_size, job.data.close_mosaic_epochs, job.data.mixup, job.data.max_texts) == (640, 2, 0.0, 80)
+    assert job.data.affine_scale == (0.5 if size == "s" else 0.9)
+    o = job.optim
+    assert (o.name, o.lr, o.weight_decay, o.warmup_epochs, o.warmup_min_steps, o.final_lr_factor, o.grad_clip) == \
+        ("adamw", 2e-3, 0.2, 3.0, 1000, 0.01, 10.0)
+    t = job.train
+    assert (t.epochs, t.global_batch, t.batch_per_worker, t.ema, t.ema_decay) == (100, 512, 16, True, 0.9999)
+    assert job.scaling.num_workers * t.batch_per_worker == t.global_batch and job.scaling.use_gpu
+    assert job.loss.assigner == "tal"
+    if name.endswith("deepspeed"):
+        assert (job.strategy.kind, job.strategy.zero_stage, job.strategy.precision) == ("deepspeed", 2, "bf16")
+    else:
+        assert (job.strategy.kind, job.strategy.precision) == ("ddp", "fp16")
+
+
+def test_smoke_is_the_small_local_default():
+    job = spec_lib.load_spec("smoke")
+    assert job.model.name == "yolo_world_v2_tiny" and job.model.text_encoder == "minilm"
+    assert job.scaling.num_workers == 2 and not job.scaling.use_gpu and job.address == ""
+    assert job.prepare.synthetic is not None and not job.storage_path.startswith("s3://")
+    assert job.eval is not None and job.eval.dataset.held_out
