@@ -143,11 +143,34 @@ class TrainEvalSpec:
 
 
 # ------------------------------------------------------------------------------------------ inference
-class Detector:
-    """Ray Data actor: one model replica; batch of image URLs in, one row per detection out."""
+def load_images(batch: dict[str, np.ndarray], img_size: int, storage: StorageOptions) -> dict[str, np.ndarray]:
+    """CPU stage (Ray tasks): read, decode and letterbox each image, so the GPU actors only run the network."""
+    import cv2
 
-    def __init__(self, weights: str, text_embeds: np.ndarray, category_ids: np.ndarray, inference: InferenceSpec,
-                 storage: StorageOptions):
+    from yworld.model.postprocess import letterbox
+
+    images, info = [], []
+    for url in batch["url"]:
+        fs, path = filesystem(str(url), storage)
+        try:
+            data = np.frombuffer(fs.cat_file(path), np.uint8)
+        except FileNotFoundError:
+            raise DataError(f"image {url} not found; check dataset.images") from None
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        if image is None:
+            raise DataError(f"image {url} cannot be decoded: use JPEG/PNG/BMP/WebP")
+        boxed, lb = letterbox(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), img_size)
+        images.append(boxed)
+        info.append((lb.scale_x, lb.scale_y, lb.pad_left, lb.pad_top, *lb.original_hw))
+    return {"image_id": batch["image_id"].astype(np.int64), "image": np.stack(images),
+            "letterbox": np.asarray(info, np.float64)}
+
+
+class Detector:
+    """Ray Data actor: one model replica (on its GPU in production). Letterboxed images in, one row per
+    detection out, boxes in original-image pixels (xywh)."""
+
+    def __init__(self, weights: str, text_embeds: np.ndarray, category_ids: np.ndarray, inference: InferenceSpec):
         import torch
 
         from yworld.model.weights import load_model
@@ -156,39 +179,37 @@ class Detector:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(inference.cpus_per_actor)))
         self.model = load_model(weights, device=self.device)
-        self.text = torch.from_numpy(text_embeds).to(self.device)
+        self.text = torch.tensor(text_embeds, device=self.device)[None]  # [1, N, D], shared by the batch
         self.category_ids = category_ids
         self.inference = inference
-        self.storage = storage
-
-    def _read(self, url: str) -> np.ndarray:
-        import cv2
-
-        fs, path = filesystem(url, self.storage)
-        try:
-            data = np.frombuffer(fs.cat_file(path), np.uint8)
-        except FileNotFoundError:
-            raise DataError(f"image {url} not found; check dataset.images") from None
-        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-        if image is None:
-            raise DataError(f"image {url} cannot be decoded")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from yworld.model.predict import predict
+        import torch
+
+        from yworld.model.postprocess import Letterbox, nms_detections
 
         inf = self.inference
-        images = [self._read(str(u)) for u in batch["url"]]
-        dets = predict(self.model, images, text_embeds=self.text, size=inf.img_size, score_thr=inf.score_threshold,
-                       iou_thr=inf.nms_iou, max_det=inf.max_dets_per_image, pre_nms_topk=inf.pre_nms_topk,
-                       batch_size=inf.batch_size)
-        counts = [len(d) for d in dets]
-        boxes = np.concatenate([d.boxes.numpy().reshape(-1, 4) for d in dets]).astype(np.float64)
+        param = next(self.model.parameters())
+        images = torch.from_numpy(batch["image"]).to(self.device).permute(0, 3, 1, 2).to(param.dtype) / 255.0
+        with torch.inference_mode():  # folded (re-parameterized) models carry their vocabulary
+            args = (images,) if getattr(self.model, "folded_vocab", None) is not None else (images, self.text)
+            boxes, scores = self.model(*args)
+            dets = nms_detections(boxes, scores, score_thr=inf.score_threshold, iou_thr=inf.nms_iou,
+                                  pre_nms_topk=inf.pre_nms_topk, max_det=inf.max_dets_per_image)
+        size = tuple(images.shape[2:])
+        out_boxes, labels, out_scores, counts = [], [], [], []
+        for det, (sx, sy, left, top, h, w) in zip(dets, batch["letterbox"]):
+            info = Letterbox(float(sx), float(sy), int(left), int(top), (int(h), int(w)), size)
+            out_boxes.append(info.to_original(det.boxes.float()).cpu().numpy().astype(np.float64))
+            labels.append(det.labels.cpu().numpy())
+            out_scores.append(det.scores.float().cpu().numpy().astype(np.float64))
+            counts.append(len(det))
+        xyxy = np.concatenate(out_boxes).reshape(-1, 4)
         return {
-            "image_id": np.repeat(batch["image_id"].astype(np.int64), counts),
-            "category_id": self.category_ids[np.concatenate([d.labels.numpy() for d in dets]).astype(np.int64)],
-            "x": boxes[:, 0], "y": boxes[:, 1], "w": boxes[:, 2] - boxes[:, 0], "h": boxes[:, 3] - boxes[:, 1],
-            "score": np.concatenate([d.scores.numpy() for d in dets]).astype(np.float64),
+            "image_id": np.repeat(batch["image_id"], counts),
+            "category_id": self.category_ids[np.concatenate(labels).astype(np.int64)],
+            "x": xyxy[:, 0], "y": xyxy[:, 1], "w": xyxy[:, 2] - xyxy[:, 0], "h": xyxy[:, 3] - xyxy[:, 1],
+            "score": np.concatenate(out_scores),
         }
 
 
@@ -198,20 +219,21 @@ def run_inference(weights: str, images: list[dict], text_embeds: np.ndarray, cat
     import pyarrow as pa
     import ray
 
-    blocks = max(1, min(len(images), inference.num_actors * 4))
+    blocks = max(1, min(len(images), inference.num_actors * 8))
     ds = ray.data.from_items(images, override_num_blocks=blocks)
+    ds = ds.map_batches(load_images, batch_size=inference.batch_size, batch_format="numpy",
+                        fn_kwargs=dict(img_size=inference.img_size, storage=storage))
     ds = ds.map_batches(
         Detector, batch_size=inference.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=inference.num_actors),
         num_gpus=1 if inference.use_gpu else 0, num_cpus=inference.cpus_per_actor,
         fn_constructor_kwargs=dict(weights=weights, text_embeds=text_embeds, category_ids=category_ids,
-                                   inference=inference, storage=storage))
-    tables = [t for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
+                                   inference=inference))
     schema = pa.schema([("image_id", pa.int64()), ("category_id", pa.int64()), ("x", pa.float64()),
                         ("y", pa.float64()), ("w", pa.float64()), ("h", pa.float64()), ("score", pa.float64())])
-    if not tables:
-        return schema.empty_table()
-    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])
+    tables = [t.select(schema.names).cast(schema)
+              for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 # ------------------------------------------------------------------------------------------ the job

@@ -47,7 +47,8 @@ def collect_rows(eval_url: str, storage: StorageOptions) -> list[dict]:
         for r in done.get("rows", []):
             rows.append({"checkpoint": done["checkpoint"], "step": int(done["step"]), "epoch": int(done["epoch"]),
                          **r})
-    rows.sort(key=lambda r: (r["step"], r["checkpoint"], r["protocol"], r["split"]))
+    split_rank = {"all": 0, "seen": 1, "held-out": 2}
+    rows.sort(key=lambda r: (r["step"], r["checkpoint"], r["protocol"], split_rank.get(r["split"], 3), r["split"]))
     return rows
 
 
@@ -82,14 +83,19 @@ def plot_ap(rows: list[dict]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
-    for (label, split), series in _series(rows).items():
-        steps = [r["step"] for r in series]
-        ax.plot(steps, [_value(r.get("AP")) for r in series], marker="o", label=f"AP — {label}, {split}")
+    colors = {"all": "tab:blue", "seen": "tab:green", "held-out": "tab:red"}
+    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    styles = ["-", "--", ":", "-."]
+    for (_, split), series in _series(rows).items():
+        protocol = series[0]["protocol"]
+        ax.plot([r["step"] for r in series], [_value(r.get("AP")) for r in series], marker="o",
+                color=colors.get(split), linestyle=styles[protocols.index(protocol) % len(styles)],
+                label=f"{protocol} · {split}")
     ax.set_xlabel("training step")
     ax.set_ylabel("AP (IoU 0.50:0.95)")
-    ax.set_title("AP vs step")
+    ax.set_title("AP vs step (protocols: line style; category splits: colour)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, loc="best")
+    ax.legend(fontsize=7, loc="best")
     return _png(fig)
 
 
