@@ -99,6 +99,18 @@ class _Strategy:
 
 
 
+def _ddp_kwargs(cfg: StrategyConfig) -> dict:
+    """BatchNorm statistics stay per rank between steps, as mmengine's DDP wrapper has them
+    (broadcast_buffers=False); newer torch spells that forward_sync_buffers=False."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    known = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in known else {"broadcast_buffers": False}
+    return {"bucket_cap_mb": cfg.bucket_mb, **no_sync}
+
+
 class DDPStrategy(_Strategy):
     def __init__(self, cfg, model, optimizer, accumulation, grad_clip):
         super().__init__(cfg, accumulation, grad_clip)
@@ -107,8 +119,7 @@ class DDPStrategy(_Strategy):
         self.module = model
         # prepare_model moves the model to the worker's device (parameters move in place, so the optimizer
         # built over them stays valid) and wraps it in DDP (a plain module for one worker).
-        self.model = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"bucket_cap_mb": cfg.bucket_mb, "broadcast_buffers": False})
+        self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=_ddp_kwargs(cfg))
         self.optimizer = optimizer
         self.amp_dtype = _DTYPES[cfg.precision] if cfg.precision != "fp32" else None
         # Dynamic loss scaling is only needed (and only enabled) for fp16.

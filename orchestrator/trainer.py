@@ -83,6 +83,7 @@ def build_trainer(job: TrainJob, datasets: dict, plan: dict, callbacks: list | N
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
             callbacks=callbacks or [],
             worker_runtime_env={"env_vars": _worker_env()},
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own bar and metrics instead
         ),
         datasets=datasets,
     )
@@ -112,6 +113,7 @@ def fit(job: TrainJob) -> TrainOutcome:
     storage = job.storage.resolved()
     prepare_data(job.prepare.synthetic, job.prepare.ingest, storage, progress=job.metrics.progress)
     url = run_url(job)
+    _quiet_ray_data()  # one progress bar (ours, in steps) instead of Ray Data's per-operator bars every epoch
     datasets = build_train_datasets(job.data, storage, job.train.epochs)
     plan = plan_steps(job, samples_per_epoch(job.data, storage))
     _save_spec(job, url)
@@ -128,6 +130,14 @@ def fit(job: TrainJob) -> TrainOutcome:
     return TrainOutcome(run_url=url, final_model=storage_lib.join(url, "final", "model.safetensors"), steps=steps,
                         total_steps=plan["total_steps"], metrics=dict(result.metrics or monitor.last),
                         history=monitor.history, checkpoint=str(checkpoint.path) if checkpoint else None)
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()  # captured by the datasets built after this, and sent with them
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
 
 
 def _checkpoint_step(path: str) -> int:
