@@ -73,10 +73,12 @@ def load_results(source: str | Path | list, name: str | None = None) -> Detectio
 
 
 def _check_integral(records: list, label: str) -> None:
-    # np.fromiter(int64) silently turns 3.7 into 3 and "3" into 3; ids must be JSON integers.
+    # np.fromiter(int64) silently turns 3.7 into 3 and "3" into 3; ids must be integers.
     for field in ("image_id", "category_id"):
-        if any(type(r[field]) is not int for r in records):
-            _diagnose(records, label)
+        if any(type(r[field]) is not int for r in records):  # fast path: JSON gives plain ints
+            bad = next((i for i, r in enumerate(records) if not _is_int(r[field])), None)
+            if bad is not None:
+                _fail(label, bad, records[bad], f"{field} {records[bad][field]!r} is not an integer")
 
 
 def _diagnose(records: list, label: str) -> NoReturn:
@@ -89,9 +91,8 @@ def _diagnose(records: list, label: str) -> NoReturn:
             _fail(label, i, r, f"missing field(s) {', '.join(missing)}; each detection needs "
                                "image_id, category_id, bbox [x, y, w, h] and score")
         for field in ("image_id", "category_id"):
-            v = r[field]
-            if isinstance(v, bool) or not isinstance(v, int):
-                _fail(label, i, r, f"{field} {v!r} is not an integer")
+            if not _is_int(r[field]):
+                _fail(label, i, r, f"{field} {r[field]!r} is not an integer")
         bb = r["bbox"]
         if not isinstance(bb, (list, tuple)) or len(bb) != 4 or not all(_is_number(v) for v in bb):
             _fail(label, i, r, f"bbox {bb!r} is not 4 numbers [x, y, w, h]")
@@ -101,7 +102,11 @@ def _diagnose(records: list, label: str) -> NoReturn:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _fail(label: str, index: int, record: Any, problem: str) -> NoReturn:
