@@ -6,7 +6,7 @@ Public API:
 - `reparameterize(model, text_embeds)` (reparam.py);
 - `letterbox`, `nms_detections`, `Detections` (postprocess.py); `predict(model, images, ...)` lives in
   `yworld.model.predict` (not re-exported: the name is also the module's, which Python would shadow);
-- `load_weights`, `TextEncoder`, `Vocabulary` (weights.py, text.py), imported lazily because they pull in
+- `load_weights`, `save_weights`, `load_model`, `TextEncoder`, `Vocabulary` (weights.py, text.py), imported lazily because they pull in
   heavier dependencies.
 
 State-dict names mirror the official mmyolo checkpoints (official `backbone.image_model.X` -> `backbone.X`,
@@ -27,6 +27,8 @@ _LAZY = {
     "nms_detections": "postprocess",
     "Detections": "postprocess",
     "load_weights": "weights",
+    "save_weights": "weights",
+    "load_model": "weights",
     "TextEncoder": "text",
     "Vocabulary": "text",
 }
