@@ -217,6 +217,14 @@ def test_stream_mixes_sources_by_weight_and_switches_pipelines(ray_session, tmp_
              for ts, s in zip(table["texts"].to_pylist(), sources) if s == "goldg"]
     assert sum(multi) > 0.7 * len(multi)  # mosaic: phrases of several images
 
+    # the next execution of the same dataset is the next epoch: new file order, new augmentation
+    again = pa.concat_tables(list(datasets[MOSAIC_KEY].iter_batches(batch_size=None, batch_format="pyarrow")))
+    first = {(i, s): b for i, s, b in zip(table["image_id"].to_pylist(), sources, table["boxes"].to_pylist())}
+    changed = [first.get((i, s)) != b for i, s, b in
+               zip(again["image_id"].to_pylist(), again["source"].to_pylist(), again["boxes"].to_pylist())
+               if s == "o365"]
+    assert len(changed) == 16 and sum(changed) >= 14
+
     close = pa.concat_tables(list(datasets[CLOSE_MOSAIC_KEY].iter_batches(batch_size=None, batch_format="pyarrow")))
     assert close.num_rows == 56
     for ts, image_id in zip(close["texts"].to_pylist(), close["image_id"].to_pylist()):
