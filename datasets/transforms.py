@@ -189,7 +189,7 @@ def hsv(image: np.ndarray, rng: np.random.Generator, gains: Sequence[float] = HS
 
 def hflip(s: Annotated) -> Annotated:
     w = s.image.shape[1]
-    image = np.ascontiguousarray(s.image[:, ::-1])
+    image = cv2.flip(s.image, 1)  # ~10x faster than copying a negative-stride numpy view
     boxes = s.boxes.copy()
     boxes[:, 0], boxes[:, 2] = w - s.boxes[:, 2], w - s.boxes[:, 0]
     return Annotated(image, boxes, s.labels)

@@ -74,22 +74,23 @@ def sample_vocabulary(
         positives = np.sort(rng.choice(positives, max_texts, replace=False))
     keep = np.isin(labels, positives)
 
-    # Candidate negatives: the sample's own texts without a box, then (detection only) the class pool.
+    # Negatives: drawn uniformly from the sample's own texts without a box and, for detection only, the
+    # class pool; walking a random permutation stops after max_texts hits instead of scanning the pool.
     taken = {text_key(texts[i]) for i in positives}
-    candidates: list[Sequence[str]] = []
     positive_set = set(positives.tolist())
-    for i, synonyms in enumerate(texts):
-        if i not in positive_set and text_key(synonyms) not in taken:
-            candidates.append(synonyms)
-            taken.add(text_key(synonyms))
-    if kind == "detection" and negative_pool:
-        for synonyms in negative_pool:
+    own = [t for i, t in enumerate(texts) if i not in positive_set]
+    pool = negative_pool if (kind == "detection" and negative_pool) else ()
+    needed = max_texts - len(positives)
+    negatives: list[Sequence[str]] = []
+    if needed > 0:
+        for j in rng.permutation(len(own) + len(pool)):
+            synonyms = own[j] if j < len(own) else pool[j - len(own)]
             key = text_key(synonyms)
             if key and key not in taken:
-                candidates.append(synonyms)
                 taken.add(key)
-    n_neg = min(max_texts - len(positives), len(candidates))
-    negatives = [candidates[i] for i in rng.choice(len(candidates), n_neg, replace=False)] if n_neg else []
+                negatives.append(synonyms)
+                if len(negatives) == needed:
+                    break
 
     chosen = [texts[i] for i in positives] + negatives
     order = rng.permutation(len(chosen))  # slot of chosen[j] is where j lands after the shuffle
