@@ -1,8 +1,9 @@
 """Make a job's data exist before it runs: the synthetic world (generated on first use) and ingests.
 
-Used by `kind: train` (its `prepare:` section) and `kind: ingest`. Both steps are skipped when their output is
-already there (`world.json` for the synthetic files, `manifest.json` for a shard folder), so the smoke job
-pays for data generation once per machine; `yworld ingest` itself is idempotent and resumable as well.
+Used by `kind: train` (its `prepare:` section) and `kind: ingest`. For a train job both steps are skipped
+when their output is already there (`world.json` for the synthetic files, `manifest.json` for a shard
+folder), so the smoke job pays for data generation once per machine. An ingest job always runs its ingests:
+they are idempotent and resumable (finished shards are verified and kept).
 """
 from __future__ import annotations
 
@@ -37,10 +38,12 @@ def synthetic_ingests(spec: SyntheticSpec, storage: StorageOptions) -> list[Inge
 
 
 def prepare_data(synthetic: SyntheticSpec | None, ingests: list[IngestConfig], storage: StorageOptions,
-                 progress: bool = True) -> None:
+                 progress: bool = True, skip_done: bool = True) -> None:
+    """Generate / ingest what is missing. `skip_done=False` (an explicit ingest job) re-runs every ingest,
+    which verifies finished shards and redoes only what changed."""
     configs = (synthetic_ingests(synthetic, storage) if synthetic is not None else []) + list(ingests)
     for cfg in configs:
-        if _exists(join(cfg.out, "manifest.json"), storage):
+        if skip_done and _exists(join(cfg.out, "manifest.json"), storage):
             log.info("%s: already ingested", cfg.out)
             continue
         ingest(cfg, storage, progress=progress)  # logs its own summary

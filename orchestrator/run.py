@@ -69,7 +69,7 @@ def run_job(job, address: str | None = None) -> object:
         from yworld.orchestrator.prepare import prepare_data
 
         init_ray(address or job.address)
-        prepare_data(job.synthetic, job.ingest, job.storage.resolved())
+        prepare_data(job.synthetic, job.ingest, job.storage.resolved(), skip_done=False)
         return None
     if kind == "eval":
         from yworld.orchestrator.eval.job import run_job as run_eval
