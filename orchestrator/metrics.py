@@ -125,12 +125,13 @@ class DriverMonitor:
             self._record(record)
 
     def _record(self, record: dict[str, Any]) -> None:
+        record.setdefault("time", time.time())  # when the driver got it (wall clock, for metrics.jsonl)
         self.last = record
         self.history.append(record)
         step = int(record["step"])
         if self._writer is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "time"):
                     self._writer.add_scalar(_tag(key), value, step)
             self._writer.flush()
             self._jsonl.write(json.dumps(record) + "\n")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from yworld.datasets import storage as storage_lib
+from yworld.orchestrator.checkpoint import checkpoint_dir_name
 from yworld.orchestrator.spec import dump_spec
 from yworld.orchestrator.train_spec import TrainJob
 
@@ -105,7 +106,8 @@ def _save_spec(job: TrainJob, url: str) -> None:
 
 
 def fit(job: TrainJob) -> TrainOutcome:
-    """Prepare data, train to the planned number of steps (resuming when the run exists), export."""
+    """Prepare data, train to the planned number of steps (resuming when the run exists), export. A run
+    whose final/ already has the planned step count returns at once (resubmitting a finished run)."""
     from yworld.datasets.stream import build_train_datasets, samples_per_epoch
     from yworld.orchestrator.metrics import DriverMonitor
     from yworld.orchestrator.prepare import prepare_data
@@ -117,6 +119,12 @@ def fit(job: TrainJob) -> TrainOutcome:
     datasets = build_train_datasets(job.data, storage, job.train.epochs)
     plan = plan_steps(job, samples_per_epoch(job.data, storage))
     _save_spec(job, url)
+    done = _finished_step(url, storage)
+    if done >= plan["total_steps"]:  # resubmitted after it finished: nothing to train, keep what is there
+        log.info("run %s already finished (%d / %d steps); final model in final/", url, done, plan["total_steps"])
+        return TrainOutcome(run_url=url, final_model=storage_lib.join(url, "final", "model.safetensors"),
+                            steps=done, total_steps=plan["total_steps"], metrics={}, history=[],
+                            checkpoint=storage_lib.join(url, checkpoint_dir_name(done)))
     log.info("run %s: %d steps (%d per epoch x %d epochs, global batch %d)", url, plan["total_steps"],
              plan["steps_per_epoch"], job.train.epochs, job.train.global_batch)
     with DriverMonitor(url, storage, plan["total_steps"], progress=job.metrics.progress,
@@ -130,6 +138,17 @@ def fit(job: TrainJob) -> TrainOutcome:
     return TrainOutcome(run_url=url, final_model=storage_lib.join(url, "final", "model.safetensors"), steps=steps,
                         total_steps=plan["total_steps"], metrics=dict(result.metrics or monitor.last),
                         history=monitor.history, checkpoint=str(checkpoint.path) if checkpoint else None)
+
+
+def _finished_step(url: str, storage) -> int:
+    """The step of `{run}/final/` (written once the last checkpoint is registered), 0 when absent."""
+    import json
+
+    fs, path = storage_lib.filesystem(storage_lib.join(url, "final", "meta.json"), storage)
+    try:
+        return int(json.loads(fs.cat_file(path)).get("step", 0))
+    except FileNotFoundError:
+        return 0
 
 
 def _quiet_ray_data() -> None:
