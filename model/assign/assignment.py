@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Assignment", "ChunkedAssigner", "empty_assignment", "gather_targets"]
+__all__ = ["Assignment", "ChunkedAssigner", "empty_assignment", "gather_targets", "resolve_conflicts"]
 
 
 @dataclass
@@ -42,6 +42,25 @@ def empty_assignment(batch: int, anchors: int, vocab: int, device: torch.device,
         fg_mask=torch.zeros(batch, anchors, dtype=torch.bool, device=device),
         gt_index=torch.zeros(batch, anchors, dtype=torch.long, device=device),
     )
+
+
+def resolve_conflicts(matched: Tensor, winner: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One GT per anchor. matched [B, M, A] bool (several GTs may claim an anchor); winner [B, A] the GT an
+    anchor claimed more than once goes to. Returns (matched with one GT per claimed anchor, fg_mask [B, A],
+    gt_index [B, A]).
+
+    Reductions over the GT axis (dim 1) are done as int16 sums: CPU argmax/any across a non-last axis are
+    several times slower, and this runs on [B, M, A] every step."""
+    M = matched.shape[1]
+    dtype = torch.int16 if M < 2**15 else torch.int32
+    claims = matched.to(dtype)
+    count = claims.sum(1, dtype=dtype)  # [B, A]
+    only = (claims * torch.arange(M, dtype=dtype, device=matched.device)[None, :, None]).sum(1, dtype=dtype)
+    multi = count > 1
+    gt_index = torch.where(multi, winner, only.long())
+    matched = torch.where(multi[:, None], torch.arange(M, device=matched.device)[None, :, None] == winner[:, None],
+                          matched)
+    return matched, count > 0, gt_index
 
 
 def gather_targets(

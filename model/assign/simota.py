@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from yworld.model.assign.assignment import Assignment, ChunkedAssigner, gather_targets
-from yworld.model.box_ops import boxes_inside, iou_batched
+from yworld.model.assign.assignment import Assignment, ChunkedAssigner, gather_targets, resolve_conflicts
+from yworld.model.box_ops import boxes_inside, iou_batched, near_centres
 
 __all__ = ["SimOTAAssigner"]
 
@@ -77,8 +77,7 @@ class SimOTAAssigner(ChunkedAssigner):
 
         # 1. geometry: candidates (union over GTs) and the per-pair prior.
         centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, M, 2]
-        radius = (self.center_radius * strides.float())[None, None, :, None]  # [1, 1, A, 1]
-        in_center = ((anchors[None, None] - centres[:, :, None]).abs() < radius).all(-1)  # [B, M, A]
+        in_center = near_centres(anchors, centres, self.center_radius * strides.float())  # [B, M, A]
         if self.require_in_box:
             in_box = boxes_inside(anchors, gt_boxes, eps=0.0)
             near, prior = in_box | in_center, in_box & in_center
@@ -88,19 +87,15 @@ class SimOTAAssigner(ChunkedAssigner):
         usable = candidate & valid  # pairs that enter the cost matrix at all
 
         # 2. IoU with the predictions; anchors that are nobody's candidate take no part.
-        iou = iou_batched(gt_boxes, pred_boxes) * usable  # [B, M, A]
+        iou = iou_batched(gt_boxes, pred_boxes).masked_fill_(~usable, 0.0)  # [B, M, A]
 
         # 3. cost. sum_c BCE(x_c, onehot_c) = sum_c softplus(x_c) - x_label  (softplus(x) - softplus(-x) = x)
         logits = cls_logits.float()
-        cls_cost = F.softplus(logits).sum(-1)[:, None, :] - logits.transpose(1, 2).gather(
-            1, labels[..., None].expand(-1, -1, A)
-        )  # [B, M, A]
-        cost = (
-            self.cls_weight * cls_cost
-            + self.iou_weight * -torch.log(iou + 1e-8)
-            + self.outside_prior_cost * (~prior).float()
-        )
-        cost = cost.masked_fill(~usable, float("inf"))
+        label_logits = logits.gather(2, labels[:, None, :].expand(-1, A, -1)).transpose(1, 2)  # [B, M, A]
+        cls_cost = F.softplus(logits).sum(-1)[:, None, :] - label_logits
+        cost = iou.add(1e-8).log_().mul_(-self.iou_weight).add_(cls_cost, alpha=self.cls_weight)
+        cost.add_((~prior).to(cost.dtype), alpha=self.outside_prior_cost)
+        cost.masked_fill_(~usable, float("inf"))
 
         # 4. dynamic k per GT from its largest candidate IoUs.
         k_max = min(self.candidate_topk, A)
@@ -114,12 +109,8 @@ class SimOTAAssigner(ChunkedAssigner):
         matched &= usable
 
         # 6. conflicts: the anchor goes to its cheapest GT.
-        multi = matched.sum(1, keepdim=True) > 1
-        cheapest_gt = torch.zeros_like(matched).scatter_(1, cost.argmin(1, keepdim=True), True)
-        matched = torch.where(multi, cheapest_gt, matched)
+        _, fg_mask, gt_index = resolve_conflicts(matched, cost.min(1).indices)
 
         # 7. soft target = IoU with the matched GT.
-        fg_mask = matched.any(1)
-        gt_index = matched.to(torch.uint8).argmax(1)
         soft = iou.gather(1, gt_index[:, None]).squeeze(1)
         return gather_targets(labels, gt_boxes, gt_index, fg_mask, soft, N)

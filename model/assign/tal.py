@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from yworld.model.assign.assignment import Assignment, ChunkedAssigner, gather_targets
+from yworld.model.assign.assignment import Assignment, ChunkedAssigner, gather_targets, resolve_conflicts
 from yworld.model.box_ops import boxes_inside, ciou_pairs
 
 __all__ = ["TaskAlignedAssigner"]
@@ -70,16 +70,13 @@ class TaskAlignedAssigner(ChunkedAssigner):
 
         # 4. an anchor claimed by several ground truths goes to the highest IoU one (among the boxes that
         #    contain it: with all IoUs 0 the reference's plain argmax could pick a box that does not).
-        multi = pos.sum(1, keepdim=True) > 1  # [B, 1, A]
-        winner = torch.where(in_gt, overlaps, -1.0).argmax(1, keepdim=True)
-        best = torch.zeros_like(pos).scatter_(1, winner, True)
-        pos = torch.where(multi, best, pos)
-        fg_mask = pos.any(1)  # [B, A]
-        gt_index = pos.to(torch.uint8).argmax(1)  # [B, A]
+        winner = torch.where(in_gt, overlaps, -1.0).max(1).indices  # [B, A]
+        pos, fg_mask, gt_index = resolve_conflicts(pos, winner)
 
         # 5. soft target: t / max(t) * max(IoU), per ground truth, read at the anchor's own GT.
-        align = align * pos
-        overlaps = overlaps * pos
-        norm = align * overlaps.amax(-1, keepdim=True) / (align.amax(-1, keepdim=True) + self.eps)
-        soft = norm.amax(1)  # [B, A]: at most one non-zero per anchor after step 4
+        align.mul_(pos)
+        overlaps.mul_(pos)
+        scale = overlaps.amax(-1, keepdim=True) / (align.amax(-1, keepdim=True) + self.eps)  # [B, M, 1]
+        norm = align.mul_(scale)
+        soft = norm.gather(1, gt_index[:, None]).squeeze(1)  # [B, A]
         return gather_targets(labels, gt_boxes, gt_index, fg_mask, soft, N)
