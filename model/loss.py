@@ -148,8 +148,8 @@ class YOLOWorldLoss:
             assign_logits = assign_logits.masked_fill(~text_mask[:, None, :], _MASKED_LOGIT)
         anchors = outputs.anchors.to(device).float()
         strides = outputs.strides.to(device).float()
-        # Decoded again in fp32 (same rule as the head): under autocast the head's `boxes` are bf16/fp16,
-        # whose 4 px steps at 640 px would blur the CIoU term and the assignment.
+        # Decoded here from the fp32 DFL logits (the head's rule; equal to `outputs.boxes` in fp32, a test
+        # checks), so the CIoU term and the assignment never depend on the precision the head decoded in.
         dist_logits = outputs.box_dist.float().view(B, A, 4, self.reg_max)
         pred_boxes = decode_boxes(dist_logits, anchors, strides)
         assignment: Assignment = self.assigner(
