@@ -64,7 +64,7 @@ def test_decode_matches_the_head_contract():
 def test_matches_ultralytics_detection_loss():
     """Same inputs, TAL assignment: every part equals ultralytics' v8DetectionLoss arithmetic."""
     ul_loss = pytest.importorskip("ultralytics.utils.loss")
-    from ultralytics.utils.tal import TaskAlignedAssigner, bbox2dist  # noqa: F401
+    from ultralytics.utils.tal import TaskAlignedAssigner
 
     cls_logits, box_dist, anchors, strides = make_outputs()
     targets = make_targets()
