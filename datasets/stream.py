@@ -116,8 +116,10 @@ class StreamConfig:
             raise ConfigError(f"affine_scale: {self.affine_scale} must be in [0, 1) (scale 1 +- affine_scale)")
         if self.window < 4:
             raise ConfigError(f"window: {self.window} must be >= 4 (a mosaic needs 4 images)")
-        if self.max_texts < 1 or self.close_mosaic_epochs < 0 or self.shuffle_buffer < 0:
-            raise ConfigError("max_texts must be >= 1, close_mosaic_epochs and shuffle_buffer >= 0")
+        for name, low in (("max_texts", 1), ("close_mosaic_epochs", 0), ("shuffle_buffer", 0),
+                          ("prefetch_batches", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be >= {low}")
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"sources: names must be unique, got {names}")
