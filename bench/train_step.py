@@ -117,7 +117,10 @@ def plain_in_subprocess(args) -> float:
             str(args.img_size), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
             str(args.warmup), "--threads", str(args.threads), "--precision", args.precision] + \
         (["--gpu"] if args.gpu else [])
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, env={**os.environ})
+    # start_new_session: its own CPU-share group under the kernel's autogroup scheduling, as Ray's workers
+    # have (in the driver's session it would share one CPU share with everything started from it).
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env={**os.environ},
+                         start_new_session=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 

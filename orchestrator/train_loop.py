@@ -10,7 +10,7 @@ epoch's stream, so no optimizer step is lost or counted twice.
 """
 from __future__ import annotations
 
-import os
+import logging
 import resource
 import shutil
 import tempfile
@@ -32,6 +32,9 @@ from yworld.orchestrator.strategy import make_strategy, plan_accumulation
 
 
 def train_loop_per_worker(config: dict) -> None:
+    # Ray Train logs every report at INFO on the console (LoggingConfig does not filter it); our driver shows
+    # progress and metrics instead.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     job, plan = config["job"], config["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
