@@ -15,6 +15,7 @@ import resource
 import shutil
 import tempfile
 import time
+from typing import Iterator
 
 import torch
 
@@ -25,10 +26,14 @@ from yworld.model import build_model
 from yworld.model.ema import ModelEMA
 from yworld.model.loss import YOLOWorldLoss
 from yworld.model.optim import WarmupLinearSchedule, build_optimizer
+from yworld.model.errors import DataError
 from yworld.model.text import TextEncoder
+from yworld.model.weights import load_weights
 from yworld.orchestrator.checkpoint import Progress, read_train_state, report_checkpoint, resume_directory, \
     write_checkpoint, export_final
 from yworld.orchestrator.strategy import make_strategy, plan_accumulation
+
+log = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -45,10 +50,6 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- model: the frozen text encoder, the detector, its EMA; then the latest checkpoint, if any
     text_encoder = TextEncoder(job.model.text_encoder, device=device)
     model = build_model(job.model.name, text_dim=text_encoder.dim)
-    if job.model.init_weights:
-        from yworld.model.weights import load_weights
-
-        load_weights(model, job.model.init_weights)
     progress = Progress()
     accumulation = plan_accumulation(job.train.global_batch, world, job.train.batch_per_worker)
     with resume_directory() as resume:
@@ -56,6 +57,8 @@ def train_loop_per_worker(config: dict) -> None:
         if resume is not None:
             model_state, ema_state, progress = read_train_state(resume)
             model.load_state_dict(model_state)
+        elif job.model.init_weights:  # fine-tuning starts from these; a resumed run from its checkpoint
+            load_weights(model, job.model.init_weights)
         ema = ModelEMA(model, decay=job.train.ema_decay, tau=job.train.ema_tau) if job.train.ema else None
         if ema is not None and ema_state is not None:
             ema.load_state_dict(ema_state)
@@ -89,8 +92,8 @@ def train_loop_per_worker(config: dict) -> None:
         if step >= total_steps:
             break
         first = progress.step_in_epoch if epoch == progress.epoch else 0
-        batches = iter(iter_epoch(job.data, epoch, job.train.epochs, accumulation.micro_batch,
-                                  skip_batches=first * accumulation.steps))
+        batches = _epoch_batches(job.data, epoch, job.train.epochs, accumulation.micro_batch,
+                                 skip=first * accumulation.steps)
         for step_in_epoch in range(first, steps_per_epoch):
             if step >= total_steps:
                 break
@@ -139,6 +142,23 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- the model for evaluation and pseudo-labelling, at a stable path
     if rank == 0:
         export_final(strategy.module, ema, {**meta, **_asdict(progress)})
+
+
+def _epoch_batches(cfg, epoch: int, epochs: int, micro_batch: int, skip: int) -> Iterator[dict]:
+    """This worker's micro-batches of `epoch`, starting over if the stream ends before the planned steps
+    (images that fail to decode shorten an epoch; every worker gets an equal share, so all start over
+    together). The loop takes exactly steps_per_epoch x accumulation of them."""
+    while True:
+        count = 0
+        for batch in iter_epoch(cfg, epoch, epochs, micro_batch, skip_batches=skip):
+            count += 1
+            yield batch
+        if count == 0:
+            raise DataError(f"data: epoch {epoch} gave this worker no batch of {micro_batch}: the sources hold "
+                            f"fewer samples than workers x micro-batch; add data or lower train.global_batch")
+        log.warning("epoch %d: the stream ended after %d batches, before the planned steps; reading it again",
+                    epoch, count + skip)
+        skip = 0
 
 
 class _Window:
