@@ -115,8 +115,6 @@ def fit(job: TrainJob) -> TrainOutcome:
     storage = job.storage.resolved()
     prepare_data(job.prepare.synthetic, job.prepare.ingest, storage, progress=job.metrics.progress)
     url = run_url(job)
-    _quiet_ray_data()  # one progress bar (ours, in steps) instead of Ray Data's per-operator bars every epoch
-    datasets = build_train_datasets(job.data, storage, job.train.epochs)
     plan = plan_steps(job, samples_per_epoch(job.data, storage))
     _save_spec(job, url)
     done = _finished_step(url, storage)
@@ -127,6 +125,8 @@ def fit(job: TrainJob) -> TrainOutcome:
                             checkpoint=storage_lib.join(url, checkpoint_dir_name(done)))
     log.info("run %s: %d steps (%d per epoch x %d epochs, global batch %d)", url, plan["total_steps"],
              plan["steps_per_epoch"], job.train.epochs, job.train.global_batch)
+    _quiet_ray_data()  # one progress bar (ours, in steps) instead of Ray Data's per-operator bars every epoch
+    datasets = build_train_datasets(job.data, storage, job.train.epochs)
     with DriverMonitor(url, storage, plan["total_steps"], progress=job.metrics.progress,
                        tensorboard=job.metrics.tensorboard) as monitor:
         trainer = build_trainer(job, datasets, plan, callbacks=[monitor.callback])
