@@ -91,8 +91,7 @@ def main(args: argparse.Namespace) -> int:
         from ray.train import TrainingFailedError
 
         if isinstance(e, TrainingFailedError):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise YWorldError(f"job {getattr(job, 'name', '')}: training failed ({first[:300]}); run the same "
+            raise YWorldError(f"job {getattr(job, 'name', '')}: training failed ({_cause(e)}); run the same "
                               f"job again to continue from its latest checkpoint") from e
         raise
     if job.kind == "train":
@@ -103,3 +102,16 @@ def main(args: argparse.Namespace) -> int:
     elif job.kind == "eval":
         print(outcome.format())
     return 0
+
+
+def _cause(error: Exception) -> str:
+    """One line naming what failed: the first worker's own error (a YWorldError keeps its message)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank, cause = sorted(failures.items())[0]
+        text = str(cause).strip().splitlines()
+        # Ray wraps worker exceptions (RayTaskError); its last line is the original "Type: message"
+        line = text[-1] if text else type(cause).__name__
+        return f"rank {rank}: {line[:300]}"
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
