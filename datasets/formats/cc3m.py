@@ -7,9 +7,9 @@ because pseudo boxes are too noisy to regress on (ref: yolo-world.md §3 "Loss")
 """
 from __future__ import annotations
 
-from yworld.datasets.formats import PHRASE_MISSING, Candidate, ImageEntry, Parsed, Rejects, image_id_of
+from yworld.datasets.formats import PHRASE_MISSING, Candidate, Parsed, Rejects
 from yworld.datasets.formats.coco import (
-    _ann_id, _int, file_name_candidates, group_annotations, index_images, require_coco_lists,
+    _ann_id, group_annotations, image_entry, index_images, require_coco_lists,
 )
 
 
@@ -32,10 +32,8 @@ def parse(data: dict, *, annotations_name: str, images_root: str, source: str = 
                 continue
             candidates.append(Candidate(ann_id=_ann_id(ann, i), bbox=ann.get("bbox"), text=(phrase.strip(),),
                                         iscrowd=bool(ann.get("iscrowd", 0))))
-        entries.append(ImageEntry(
-            image_id=image_id_of(source, id_prefix, orig_id), file_names=file_name_candidates(img),
-            images_root=images_root, annotations_name=annotations_name, width=_int(img.get("width")),
-            height=_int(img.get("height")), candidates=candidates, source=source, kind="image_text",
-            is_image_text=True, keep_empty=False))
+        entries.append(image_entry(img, orig_id, candidates, source=source, id_prefix=id_prefix,
+                                   images_root=images_root, annotations_name=annotations_name,
+                                   kind="image_text", keep_empty=False, is_image_text=True))
     return Parsed(entries=entries, class_texts=[], kind="image_text", rejects=rejects,
                   annotations_read=len(data["annotations"]))

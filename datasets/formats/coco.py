@@ -65,6 +65,15 @@ def file_name_candidates(img: dict) -> tuple[str, ...]:
         names += ["/".join(parts[-2:]), parts[-1]]
     return tuple(dict.fromkeys(names))
 
+def image_entry(img: dict, orig_id: Any, candidates: list, *, source: str, id_prefix: str, images_root: str,
+                annotations_name: str, kind: str, keep_empty: bool, is_image_text: bool = False) -> ImageEntry:
+    """The ImageEntry of one COCO-style `images[]` item (shared by the coco, lvis, mdetr and cc3m readers)."""
+    return ImageEntry(
+        image_id=image_id_of(source, id_prefix, orig_id), file_names=file_name_candidates(img),
+        images_root=images_root, annotations_name=annotations_name, width=_int(img.get("width")),
+        height=_int(img.get("height")), candidates=candidates, source=source, kind=kind,
+        is_image_text=is_image_text, keep_empty=keep_empty)
+
 
 def _ann_id(ann: Any, index: int) -> str:
     return str(ann.get("id", f"#{index}")) if isinstance(ann, dict) else f"#{index}"
@@ -116,11 +125,9 @@ def entries_from_coco(data: dict, *, annotations_name: str, images_root: str, so
             candidates.append(Candidate(ann_id=_ann_id(ann, i), bbox=ann.get("bbox"),
                                         text=tuple(texts_by_category[_int(cat)]), category_id=_int(cat),
                                         iscrowd=bool(ann.get("iscrowd", 0))))
-        entries.append(ImageEntry(
-            image_id=image_id_of(source, id_prefix, orig_id), file_names=file_name_candidates(img),
-            images_root=images_root, annotations_name=annotations_name, width=_int(img.get("width")),
-            height=_int(img.get("height")), candidates=candidates, source=source, kind="detection",
-            keep_empty=True))
+        entries.append(image_entry(img, orig_id, candidates, source=source, id_prefix=id_prefix,
+                                   images_root=images_root, annotations_name=annotations_name,
+                                   kind="detection", keep_empty=True))
     return entries, len(data["annotations"])
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from yworld.datasets.formats import (
-    TOKENS_MISSING, TOKENS_OUTSIDE, Candidate, ImageEntry, Parsed, Rejects, image_id_of,
+    TOKENS_MISSING, TOKENS_OUTSIDE, Candidate, Parsed, Rejects,
 )
 from yworld.datasets.formats.coco import (
-    _ann_id, _int, file_name_candidates, group_annotations, index_images, require_coco_lists,
+    _ann_id, group_annotations, image_entry, index_images, require_coco_lists,
 )
 
 
@@ -56,10 +56,8 @@ def parse(data: dict, *, annotations_name: str, images_root: str, source: str = 
                 continue
             candidates.append(Candidate(ann_id=_ann_id(ann, i), bbox=ann.get("bbox"), text=(phrase,),
                                         iscrowd=bool(ann.get("iscrowd", 0))))
-        entries.append(ImageEntry(
-            image_id=image_id_of(source, id_prefix, orig_id), file_names=file_name_candidates(img),
-            images_root=images_root, annotations_name=annotations_name, width=_int(img.get("width")),
-            height=_int(img.get("height")), candidates=candidates, source=source, kind="grounding",
-            keep_empty=False))
+        entries.append(image_entry(img, orig_id, candidates, source=source, id_prefix=id_prefix,
+                                   images_root=images_root, annotations_name=annotations_name,
+                                   kind="grounding", keep_empty=False))
     return Parsed(entries=entries, class_texts=[], kind="grounding", rejects=rejects,
                   annotations_read=len(data["annotations"]))
