@@ -10,12 +10,16 @@ red striped circle"). `generate()` writes, deterministically from a seed:
 | `grounding/` | MDETR JSON: `caption` + `tokens_positive` spans | per-image phrase vocabularies |
 | `image_text/` | CC3M pseudo-label JSON (`tokens` per box) | image-text samples (no box loss) |
 | `lvis/` | LVIS v1 val JSON: r/c/f `frequency`, `neg_category_ids`, `not_exhaustive_category_ids`, `synonyms` | federated eval |
+| `captions/` | CC3M-style `captions.tsv` (image, caption) + images; the true boxes apart in `truth.json` | pseudo-labelling and self-training |
 
 Design choices (why it is learnable by a tiny model in minutes on 2 CPU cores, and still tests what matters):
 - 4 colours x 5 shapes = 20 categories, **4 held out of every training split** (one per colour, on 4 of the
   5 shapes): both words of every held-out name are seen in training in other combinations, so a model whose
   region embeddings line up with a real sentence encoder (MiniLM) can find them zero-shot. They appear only
-  in the LVIS val split (frequency "r": no training image, like LVIS rare classes).
+  in the LVIS val split (frequency "r": no training image, like LVIS rare classes) and in the captions-only
+  split, which has no boxes: only a pseudo-labeller can turn its captions into training data. Its true boxes
+  (`captions/truth.json`, every category, held-out ones included) are for scoring pseudo labels, never for
+  training.
 - Objects are large and clean by default (shorter side 14-32 % of the image, saturated colours, 60 % plain
   texture, at most 30 % of an object hidden by a later one), on a light, slightly noisy background with a
   few grey distractor lines and blobs (clutter that is no category).
@@ -56,7 +60,7 @@ RARE = (("red", "cross"), ("green", "circle"), ("blue", "triangle"), ("yellow", 
 SIZES = {"small": 0.14, "medium": 0.22, "large": 0.32}  # bounding-square side / image side
 # Popularity tiers of the 16 training categories (relative sampling weights), in category order.
 TIER_WEIGHTS = {"frequent": 1.0, "common": 0.55, "rare": 0.035}
-SPLIT_CODES = {"detection": 1, "grounding": 2, "image_text": 3, "lvis": 4}
+SPLIT_CODES = {"detection": 1, "grounding": 2, "image_text": 3, "lvis": 4, "captions": 5}
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,9 @@ class SyntheticPaths:
     lvis_annotations: str
     lvis_images: str
     lvis_class_texts: str
+    captions: str  # CC3M-style TSV: image file name, caption (no boxes)
+    captions_images: str
+    captions_truth: str  # the captions split's true boxes (COCO JSON, all 20 categories): for scoring only
     world: str
     held_out: tuple[str, ...]
     train_categories: tuple[str, ...]
@@ -118,7 +125,8 @@ class SyntheticPaths:
             grounding_annotations=u("grounding", "annotations.json"), grounding_images=u("grounding", "images"),
             image_text_annotations=u("image_text", "annotations.json"), image_text_images=u("image_text", "images"),
             lvis_annotations=u("lvis", "annotations.json"), lvis_images=u("lvis", "images"),
-            lvis_class_texts=u("lvis", "class_texts.json"), world=u("world.json"),
+            lvis_class_texts=u("lvis", "class_texts.json"), captions=u("captions", "captions.tsv"),
+            captions_images=u("captions", "images"), captions_truth=u("captions", "truth.json"), world=u("world.json"),
             held_out=tuple(c.name for c in cats if c.held_out),
             train_categories=tuple(c.name for c in cats if not c.held_out))
 
@@ -235,10 +243,12 @@ def _weights(cats: list[Category]) -> np.ndarray:
 
 
 def render_image(rng: np.random.Generator, img: int, pool: list[Category], n_objects: int, clutter: float,
-                 must_include: Category | None = None) -> tuple[bytes, list[Obj]]:
-    """Draw one JPEG; objects are sampled from `pool` by tier weight (uniformly when all are held out)."""
+                 must_include: Category | None = None, uniform: bool = False) -> tuple[bytes, list[Obj]]:
+    """Draw one JPEG; objects are sampled from `pool` by tier weight (uniformly when all are held out, or
+    when `uniform`)."""
     canvas = _background(img, rng, clutter)
-    w = _weights(pool) if any(c.tier in TIER_WEIGHTS for c in pool) else np.full(len(pool), 1 / len(pool))
+    tiered = any(c.tier in TIER_WEIGHTS for c in pool) and not uniform
+    w = _weights(pool) if tiered else np.full(len(pool), 1 / len(pool))
     picks = [pool[i] for i in rng.choice(len(pool), size=n_objects, p=w)]
     if must_include is not None:
         picks[0] = must_include
@@ -300,7 +310,7 @@ def generate(out_url: str, seed: int = 0, num_images: int = 320, img_size: int =
     """Write the synthetic world under `out_url` (a folder path or s3:// URL) and return its paths.
 
     `num_images` detection training images; grounding gets half as many, image-text and LVIS val a quarter
-    (at least 8 each). The same seed gives byte-identical files.
+    (at least 8 each), the captions-only split as many. The same seed gives byte-identical files.
     """
     if num_images < 1 or img_size < 64:
         from yworld.model.errors import ConfigError
@@ -323,7 +333,7 @@ def generate(out_url: str, seed: int = 0, num_images: int = 320, img_size: int =
 
     lo, hi = objects
     counts = {"detection": num_images, "grounding": max(8, num_images // 2),
-              "image_text": max(8, num_images // 4), "lvis": max(8, num_images // 4)}
+              "image_text": max(8, num_images // 4), "lvis": max(8, num_images // 4), "captions": num_images}
     from tqdm.auto import tqdm
 
     with storage_errors(out_url, storage), tqdm(total=sum(counts.values()), unit="img", desc="synthetic world",
@@ -332,6 +342,7 @@ def generate(out_url: str, seed: int = 0, num_images: int = 320, img_size: int =
         _write_grounding(put, put_json, seed, counts["grounding"], img_size, train, clutter, lo, hi)
         _write_image_text(put, put_json, seed, counts["image_text"], img_size, train, clutter, lo, hi)
         _write_lvis(put, put_json, seed, counts["lvis"], img_size, cats, image_counts, clutter, lo, hi)
+        _write_captions(put, put_json, seed, counts["captions"], img_size, cats, clutter, lo, hi)
         world = {"seed": seed, "num_images": counts, "img_size": img_size, "clutter": clutter,
                  "categories": [{**asdict(c), "name": c.name, "synonyms": c.synonyms,
                                  "train_images": image_counts.get(c.id, 0)} for c in cats]}
@@ -437,6 +448,26 @@ def _write_lvis(put, put_json, seed, n, img, cats, image_counts, clutter, lo, hi
     put_json("lvis/annotations.json", {"images": images, "annotations": anns, "categories": lvis_cats,
                                        "info": {"description": "yworld synthetic LVIS-format val"}})
     put_json("lvis/class_texts.json", [c.synonyms for c in cats])
+
+
+def _write_captions(put, put_json, seed, n, img, cats, clutter, lo, hi) -> None:
+    """Web-style image-text pairs: every category equally likely, held-out ones included, captions only.
+    The true boxes go to truth.json, which a pseudo-labelling run may score itself against."""
+    rows, images, anns = ["image\tcaption"], [], []
+    for i in range(n):
+        rng = _rng(seed, "captions", i)
+        data, objs = render_image(rng, img, cats, int(rng.integers(lo, hi + 1)), clutter, uniform=True)
+        caption, spans = _caption(objs, rng, with_attributes=True)
+        name = f"{i:06d}.jpg"
+        put(f"captions/images/{name}", data)
+        rows.append(f"{name}\t{caption}")
+        images.append({**_image_entry(i + 1, name, img), "caption": caption})
+        for o, sp in zip(objs, spans):
+            anns.append(_ann(len(anns) + 1, i + 1, o, category_id=o.category.id, tokens_positive=sp))
+    put("captions/captions.tsv", ("\n".join(rows) + "\n").encode("utf-8"))
+    put_json("captions/truth.json", {
+        "images": images, "annotations": anns,
+        "categories": [{"id": c.id, "name": c.name, "synonyms": c.synonyms, "held_out": c.held_out} for c in cats]})
 
 
 # ------------------------------------------------------------------------------------------ CLI
