@@ -12,11 +12,12 @@
 - ours: `<stem>.safetensors` + `<stem>.json` (format, version, the full `ModelConfig`), written by
   `save_weights`; `load_model` builds the network from the JSON and loads it. Never pickle.
 
-Both pickle formats need `torch.load(weights_only=False)`: ultralytics pickles module objects and mmengine
-checkpoints carry `meta` / `message_hub` objects. We do that only for `.pt` / `.pth` files, and only after the
-safe `weights_only=True` load refused the file. Classes from ultralytics / mm* / yolo_world are replaced by
-inert `nn.Module` stubs while unpickling, so none of their code runs and neither package needs to be
-installed; pickle itself can still run code, so load only checkpoints you trust.
+Both pickle formats hold more than tensors: ultralytics pickles the whole module tree, mmengine adds `meta` /
+`message_hub` objects (numpy arrays, `HistoryBuffer`s). A pickle can call any importable function, so they are
+read only with torch's `weights_only` unpickler, never with `weights_only=False`. The classes those files name
+from ultralytics / mm* / yolo_world / torch.nn / numpy are answered by inert *stand-ins* (see `_StandIn`):
+none of their code runs and neither package needs to be installed. Anything else (`os.system`, `eval`, ...)
+is refused, by name, before unpickling starts. See SECURITY.md.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import logging
 import pickle
 import posixpath
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -35,7 +37,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from yworld.model.detector import ModelConfig
 from yworld.model.errors import WeightsError
+from yworld.model.registry import build_from_config, list_models, model_config
 
 __all__ = ["load_weights", "save_weights", "load_model", "LoadedWeights", "to_official_state_dict",
            "from_official_state_dict", "from_ultralytics_state_dict", "read_checkpoint"]
@@ -140,60 +144,121 @@ def from_ultralytics_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict
     return mapped, dropped
 
 
-# ---------------------------------------------------------------- reading pickles
-_STUBBED_PACKAGES = {"ultralytics", "mmengine", "mmdet", "mmyolo", "mmcv", "yolo_world", "mmpretrain"}
-_stubs: dict[tuple[str, str], type] = {}
+# ---------------------------------------------------------------- reading pickles, safely
+# Globals a real checkpoint names beyond what torch's weights_only unpickler allows by itself; each one gets
+# an inert stand-in. Every other global is refused. (numpy: mmengine's message_hub keeps numpy arrays.)
+_STAND_IN_PREFIXES = ("ultralytics.", "mmengine.", "mmdet.", "mmyolo.", "mmcv.", "mmpretrain.", "yolo_world.",
+                      "torch.nn.modules.", "numpy.")
+_GETATTR = "builtins.getattr"  # mmengine pickles HistoryBuffer's methods as getattr(HistoryBuffer, 'min')
+_stand_ins: dict[str, type] = {}
+# torch keeps the allow-list of `safe_globals` in one process-wide set: one load with stand-ins at a time.
+_load_lock = threading.Lock()
 
 
-class _StubModule(nn.Module):
-    """Stands in for a class of a package we do not import; unpickles an nn.Module's state (its
-    `_parameters`, `_buffers`, `_modules`) so `state_dict()` works, and swallows anything else."""
+class _StandIn(nn.Module):
+    """Stands in for a class or function a checkpoint names (`ultralytics.nn.tasks.WorldModel`,
+    `numpy.dtype`, ...). Constructing it runs nothing; unpickling keeps only what `state_dict()` needs from
+    the replaced object: its `_parameters`, `_buffers` (tensors) and `_modules` (other stand-ins). Hooks and
+    every other attribute are dropped, so no object from the file is ever called."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__()
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        nn.Module.__init__(self)
+        return self
+
+    def __init__(self, *args, **kwargs):  # called with the file's arguments: ignore them
+        pass
 
     def __setstate__(self, state):
-        if isinstance(state, dict):
-            super().__setstate__(state)
-        else:
-            super().__init__()
+        if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ state)
+            state = state[0]
+        if not isinstance(state, dict):
+            return
+        for key, kind in (("_parameters", torch.Tensor), ("_buffers", torch.Tensor), ("_modules", _StandIn)):
+            value = state.get(key)
+            if isinstance(value, dict):
+                self.__dict__[key].update({k: v for k, v in value.items()
+                                           if isinstance(k, str) and (v is None or isinstance(v, kind))})
+        skipped = state.get("_non_persistent_buffers_set")
+        if isinstance(skipped, set):
+            self._non_persistent_buffers_set.update(k for k in skipped if isinstance(k, str))
 
 
-def _stub(module: str, name: str) -> type:
-    if (module, name) not in _stubs:
-        _stubs[(module, name)] = type(name, (_StubModule,), {"__module__": f"yworld_stub.{module}"})
-    return _stubs[(module, name)]
+def _stand_in(name: str) -> type:
+    if name not in _stand_ins:
+        module, _, qualname = name.rpartition(".")
+        _stand_ins[name] = type(qualname, (_StandIn,), {"__module__": f"yworld_stand_in.{module}"})
+    return _stand_ins[name]
 
 
-class _StubUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module.split(".")[0] in _STUBBED_PACKAGES:
-            return _stub(module, name)
-        return super().find_class(module, name)
+def _stand_in_getattr(obj: object, name: str) -> type:
+    """`getattr` as a checkpoint may use it: only on a stand-in, and the answer is another stand-in."""
+    owner = obj if isinstance(obj, type) else type(obj)
+    if not (issubclass(owner, _StandIn) and isinstance(name, str)):
+        raise pickle.UnpicklingError(f"getattr on {owner.__module__}.{owner.__qualname__} is not allowed")
+    return _stand_in(f"{owner.__module__.removeprefix('yworld_stand_in.')}.{owner.__qualname__}.{name}")
 
 
-class _StubPickleModule:  # what torch.load's `pickle_module` needs
-    Unpickler = _StubUnpickler
-    load = staticmethod(lambda f, **kw: _StubUnpickler(f, **kw).load())
-    __name__ = "yworld_stub_pickle"
+def _may_stand_in(name: str) -> bool:
+    return name == _GETATTR or name.startswith(_STAND_IN_PREFIXES)
+
+
+def _named_globals(f) -> list[str]:
+    """The globals of a torch zip checkpoint that torch's weights_only unpickler does not allow by itself
+    (a static scan: nothing is unpickled). [] for the legacy format, which the unpickler checks as it goes."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    except ValueError:  # not a zip checkpoint: torch's weights_only unpickler refuses unknown globals itself
+        names = []
+    f.seek(0)
+    return sorted(names)
+
+
+def _refused(path: str | Path, name: str) -> WeightsError:
+    return WeightsError(f"weights file {path} is refused: its pickle names {name}, which is not a tensor, a "
+                        f"container or a class of ultralytics / mm* checkpoints (a weights file must not run "
+                        f"code); get the file from its publisher, or pass our .safetensors (+ .json)")
 
 
 def read_checkpoint(path: str | Path) -> object:
-    """Unpickle a torch checkpoint: weights_only=True first; the stubbed full unpickler only when refused."""
+    """Unpickle a torch checkpoint with torch's weights_only unpickler plus inert stand-ins (see `_StandIn`)
+    for the ultralytics / mm* / numpy / torch.nn classes it names; a file naming anything else is refused
+    before unpickling starts."""
     try:
         with fsspec.open(str(path), "rb") as f:
-            try:
+            names = _named_globals(f)
+            refused = [n for n in names if not _may_stand_in(n)]
+            if refused:
+                raise _refused(path, _few(refused, 3))
+            allowed = [(_stand_in_getattr if n == _GETATTR else _stand_in(n), n) for n in names]
+            with _load_lock, torch.serialization.safe_globals(allowed):
                 return torch.load(f, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:
-                f.seek(0)
-                # ultralytics / mmengine objects inside: see the module docstring for why this is acceptable.
-                return torch.load(f, map_location="cpu", weights_only=False, pickle_module=_StubPickleModule)
+    except WeightsError:
+        raise
     except FileNotFoundError:
         raise WeightsError(f"weights file {path} not found: check the path (local or s3://...)") from None
-    except Exception as e:  # noqa: BLE001 - a corrupt file fails anywhere inside pickle/zip; say so in one line
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise WeightsError(f"weights file {path} is not a readable torch checkpoint ({reason}): pass an official "
-                           f".pth, an ultralytics .pt or our .safetensors (+ .json)") from None
+    except pickle.UnpicklingError as e:  # the weights_only unpickler refused something while reading
+        global_name = re.search(r"GLOBAL (\S+)", str(e))
+        if global_name:
+            raise _refused(path, global_name.group(1)) from None
+        raise WeightsError(f"weights file {path} is not a readable torch checkpoint ({_unpickler_reason(e)}): "
+                           f"pass an official .pth, an ultralytics .pt or our .safetensors (+ .json)") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt file fails anywhere inside zip/pickle; say so in one line
+        raise WeightsError(f"weights file {path} is not a readable torch checkpoint ({_first_line(e)}): pass an "
+                           f"official .pth, an ultralytics .pt or our .safetensors (+ .json)") from None
+
+
+def _unpickler_reason(error: pickle.UnpicklingError) -> str:
+    """torch's own reason, without its advice to retry with weights_only=False (never do that here)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.strip().startswith(boilerplate)]
+    return _first_line(ValueError(" ".join(lines) or "unreadable pickle"))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def _state_from_checkpoint(path: str | Path, ckpt: object) -> tuple[dict[str, torch.Tensor], str, list[str]]:
@@ -243,25 +308,55 @@ def save_weights(model: nn.Module, path: str | Path) -> str:
 def _read_ours(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors_path, meta_path = _our_paths(path)
     try:
-        with fsspec.open(meta_path, "r") as f:
-            meta = json.load(f)
+        with fsspec.open(meta_path, "rb") as f:
+            meta = json.loads(f.read())
         with fsspec.open(tensors_path, "rb") as f:
-            state = st_load(f.read())
+            blob = f.read()
     except FileNotFoundError as e:
         raise WeightsError(f"weights file {e.filename or tensors_path} not found: our format is a .safetensors "
                            f"with a .json beside it (written by save_weights)") from None
-    if meta.get("format") != FORMAT or "config" not in meta:
-        raise WeightsError(f"{meta_path} is not a yworld weights config (format '{meta.get('format')}'): "
-                           f"write weights with yworld.model.weights.save_weights")
+    except (ValueError, RecursionError) as e:  # not JSON / not UTF-8 / nested too deeply
+        raise WeightsError(f"{meta_path} is not valid JSON ({_first_line(e)}): write weights with "
+                           f"yworld.model.weights.save_weights") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise WeightsError(f"{meta_path} is not a yworld weights config (format {found!r}): write weights with "
+                           f"yworld.model.weights.save_weights")
+    try:
+        state = st_load(blob)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for any malformed file
+        raise WeightsError(f"{tensors_path} is not a readable safetensors file ({_first_line(e)}): it is truncated "
+                           f"or not ours; write it again with yworld.model.weights.save_weights") from None
     return state, meta
+
+
+def _config_of(meta: dict, meta_path: str) -> ModelConfig:
+    """The ModelConfig a weights JSON describes, checked against the registry: the name must be a known variant
+    and the architecture its own (a config is never trusted to build an arbitrary network)."""
+    config = meta["config"]
+    name = config.get("name")
+    if name not in list_models():
+        raise WeightsError(f"{meta_path}: config.name {name!r} is not a known model; choose one of: "
+                           f"{', '.join(list_models())}")
+    free = {"text_dim": (1, 8192), "num_classes": (1, 100_000), "folded_vocab": (1, 1_000_000)}
+    for key, (low, high) in free.items():
+        value = config.get(key)
+        if not (value is None and key == "folded_vocab") and not (
+                type(value) is int and low <= value <= high):
+            raise WeightsError(f"{meta_path}: config.{key} {value!r} must be an integer in [{low}, {high}]")
+    expected = model_config(name, **{k: config.get(k) for k in free})
+    if config != expected.to_dict():
+        wrong = sorted(k for k in set(config) | set(expected.to_dict())
+                       if config.get(k, "<missing>") != expected.to_dict().get(k))
+        raise WeightsError(f"{meta_path}: config field(s) {', '.join(wrong)} differ from model {name!r}: the file "
+                           f"was not written by save_weights of this yworld; write it again")
+    return expected
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Build the network described by `<stem>.json` and load `<stem>.safetensors` into it (eval mode)."""
-    from yworld.model.registry import build_from_config
-
     state, meta = _read_ours(path)
-    model = build_from_config(meta["config"])
+    model = build_from_config(_config_of(meta, _our_paths(path)[1]))
     _load_checked(model, state, str(path), "yworld", [], strict=True)
     return model.to(device).eval()
 
@@ -319,7 +414,8 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Loa
 
     strict: every model key must be in the file and every (non-dropped) file key in the model; otherwise the
     matching keys load and the rest is reported. A shape mismatch is always an error naming the key and both
-    shapes. Pickle formats are read with weights_only=False (see the module docstring); ours never are.
+    shapes. Pickle formats are read with torch's weights_only unpickler and inert stand-ins (see the module
+    docstring); ours are never pickles.
     """
     p = str(path)
     if Path(p).suffix in (".safetensors", ".json"):

@@ -26,13 +26,14 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import torch
 from torch import nn
 
-from yworld.model.errors import ConfigError
+from yworld.model.errors import ConfigError, WeightsError
 
 __all__ = ["StrategyConfig", "Accumulation", "plan_accumulation", "make_strategy", "DDPStrategy",
            "DeepSpeedStrategy"]
@@ -208,8 +209,9 @@ class DeepSpeedStrategy(_Strategy):
         self.model.save_checkpoint(os.path.join(directory, "deepspeed"), tag=self._TAG, save_latest=False)
 
     def load(self, directory: str) -> None:
-        path, _ = self.model.load_checkpoint(os.path.join(directory, "deepspeed"), tag=self._TAG,
-                                             load_lr_scheduler_states=False)
+        with _deepspeed_loads_weights_only(self.model, directory):
+            path, _ = self.model.load_checkpoint(os.path.join(directory, "deepspeed"), tag=self._TAG,
+                                                 load_lr_scheduler_states=False)
         if path is None:
             raise ConfigError(f"{directory}: no DeepSpeed state in this checkpoint (was it written by a DDP run? "
                               f"resume with the same strategy.kind, or start a new run name)")
@@ -221,6 +223,33 @@ def make_strategy(cfg: StrategyConfig, model: nn.Module, optimizer: torch.optim.
     if cfg.kind == "deepspeed":
         return DeepSpeedStrategy(cfg, model, optimizer, accumulation, grad_clip)
     return DDPStrategy(cfg, model, optimizer, accumulation, grad_clip)
+
+
+@contextlib.contextmanager
+def _deepspeed_loads_weights_only(engine, directory: str) -> Iterator[None]:
+    """DeepSpeed 0.19's checkpoint engine unpickles with `weights_only=False`: a planted file in a checkpoint
+    folder would run code on every rank. While the engine loads, read through torch's weights_only unpickler,
+    allowing only the DeepSpeed classes its ZeRO optimizer state holds (plain data: loss scaler, stage enum,
+    fragment address); a file naming anything else is one WeightsError line."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals([DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln), "not plain tensors and data")
+            raise WeightsError(f"{directory}: DeepSpeed state {os.path.basename(path)} is refused ({reason.strip()}): "
+                               f"a checkpoint must not run code; resume from another checkpoint") from None
+
+    checkpoint_engine = engine.checkpoint_engine
+    checkpoint_engine.load = load  # shadows the method on this instance only
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
 
 
 @contextlib.contextmanager
