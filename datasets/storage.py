@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import fsspec
 
@@ -30,7 +30,7 @@ class StorageOptions:
 
     endpoint_url: str = ""
     key: str = ""
-    secret: str = ""
+    secret: str = field(default="", repr=False)  # never in a repr, a log line or a traceback
     region: str = ""
     anon: bool = False
 
@@ -133,9 +133,23 @@ def pyarrow_filesystem(url: str, options: StorageOptions | None = None):
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def redact_url(url: str) -> str:
+    """`url` fit to print: credentials inside it become `***` (`http://user:***@host`; a lone user part,
+    often a token, `http://***@host`)."""
+    try:
+        parts = urlsplit(str(url))
+        if "@" not in parts.netloc:
+            return str(url)
+        host = parts.netloc.rpartition("@")[2]
+        user = f"{parts.username}:***" if parts.password is not None else "***"
+        return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+    except ValueError:  # not a URL we can parse: print nothing of it that could be a credential
+        return "<unprintable URL>" if "@" in str(url) else str(url)
+
+
 def _where(url: str, options: StorageOptions) -> str:
-    ep = options.resolved().endpoint_url or "the default AWS endpoint"
-    return f"{url} (endpoint {ep})"
+    ep = redact_url(options.resolved().endpoint_url) or "the default AWS endpoint"
+    return f"{redact_url(url)} (endpoint {ep})"
 
 
 def storage_error(exc: BaseException, url: str, options: StorageOptions | None = None) -> StorageError | None:

@@ -24,6 +24,7 @@ from typing import Any, Literal, Sequence, Union
 
 import yaml
 
+from yworld.datasets.storage import redact_url
 from yworld.model.errors import ConfigError
 
 __all__ = [
@@ -101,6 +102,10 @@ def apply_overrides(data: dict, overrides: Sequence[str], where: str = "--set") 
         if not sep or not key.strip():
             raise ConfigError(f"{where} {item!r}: expected FIELD.PATH=VALUE, e.g. train.epochs=3")
         parts = key.strip().split(".")
+        if parts[-1] in _CREDENTIAL_FIELDS and text.strip():
+            raise ConfigError(f"{where} {key.strip()}=...: credentials are never taken from the command line (it "
+                              f"shows in `ps`, in shell history and in a submitted job's entrypoint and logs): set "
+                              f"them in the environment (AWS_SECRET_ACCESS_KEY, ...) or in the job spec file")
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -288,11 +293,13 @@ def _convert_dataclass(cls: type, value: Any, ctx: _Ctx, path: str) -> Any:
 # ------------------------------------------------------------------------------------------ dumping
 # Credentials never land in a saved spec (it sits next to the run's outputs, readable by anyone with them).
 _SECRET_FIELDS = {"key", "secret", "token", "password"}
+# ... nor on a command line; an access key id alone is an identifier, not a secret.
+_CREDENTIAL_FIELDS = _SECRET_FIELDS - {"key"}
 
 
 def to_dict(obj: Any, redact: bool = True) -> Any:
     """The plain-data (YAML-able) form of a spec: dataclasses -> dicts, tuples -> lists, Paths -> str;
-    credential fields (key, secret, ...) are blanked unless `redact=False`."""
+    credential fields (key, secret, ...) and passwords inside URLs are blanked unless `redact=False`."""
     if is_dataclass(obj) and not isinstance(obj, type):
         out = {}
         for f in fields(obj):
@@ -308,6 +315,8 @@ def to_dict(obj: Any, redact: bool = True) -> Any:
         return {str(k): to_dict(v, redact) for k, v in obj.items()}
     if isinstance(obj, Path):
         return str(obj)
+    if redact and isinstance(obj, str) and "@" in obj:
+        return redact_url(obj)
     return obj
 
 

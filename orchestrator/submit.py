@@ -9,6 +9,19 @@ the current folder as the job's working_dir, and follows the logs until the job 
 The cluster needs yworld installed (jobs/cluster/*.yaml and jobs/k8s/Dockerfile do that); the working_dir
 carries the job YAMLs. Resubmitting the same spec continues the run: it keeps its storage_path and name, and
 Ray Train resumes from the latest checkpoint there.
+
+What a job on a cluster must not do, checked here before anything is sent (and again by `yworld run` when it
+is a Jobs API driver, for the plain `ray job submit` form):
+- write its outputs under a relative path: Ray runs the entrypoint inside its temporary copy of the working
+  dir (`.../runtime_resources/working_dir_files/_ray_pkg_*`), deleted with the job's resources, so
+  `storage_path: runs` would silently lose the checkpoints and the final model;
+- carry credentials: `--set storage.secret=...` is refused by the spec loader everywhere (a command line
+  shows in `ps`, in the job's entrypoint and in Ray's logs); the cluster takes them from its own environment.
+
+Ray's token authentication (RAY_AUTH_MODE=token on the cluster, which jobs/cluster and jobs/k8s turn on): the
+token is read from the same places as Ray's own clients, RAY_AUTH_TOKEN, the file named by
+RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (`ray get-auth-token --generate` writes it), and sent as a bearer
+header, whatever RAY_AUTH_MODE says in this shell.
 """
 from __future__ import annotations
 
@@ -20,9 +33,11 @@ import sys
 import time
 from pathlib import Path
 
+from yworld.datasets.storage import is_local, redact_url
 from yworld.model.errors import ConfigError, YWorldError
 
-__all__ = ["add_arguments", "main", "build_submission", "WORKING_DIR_EXCLUDES"]
+__all__ = ["add_arguments", "main", "build_submission", "auth_headers", "durable_path_problem",
+           "in_submitted_job", "WORKING_DIR_EXCLUDES", "JOB_ENV"]
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -30,8 +45,11 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 WORKING_DIR_EXCLUDES = [".venv", "venv", "runs", "data", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache",
                         "*.safetensors", "*.pt", "*.pth"]
 
-# Set on the driver and on every worker of the job.
+# Set on the driver and on every worker of the job (the driver adds none of these again: see run.init_ray).
 JOB_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+# Ray sets this in the environment of a Jobs API job's driver (the job's runtime env and metadata).
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -50,11 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
             parser.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
 
 
+# ------------------------------------------------------------------------------------------ the submission
 def build_submission(job: str, overrides: list[str], working_dir: str | Path) -> dict:
     """The keyword arguments of `JobSubmissionClient.submit_job` for a job spec (validated here first)."""
     from yworld.orchestrator.spec import load_spec, resolve_job_path
 
-    load_spec(job, overrides)  # fail fast, locally, with the one-line error
+    spec = load_spec(job, overrides)  # fail fast, locally, with the one-line error
+    problem = durable_path_problem(spec)
+    if problem:
+        raise ConfigError(f"{job}: {problem}")
     working_dir = Path(working_dir).resolve()
     path = resolve_job_path(job).resolve()
     if path.is_relative_to(working_dir):
@@ -69,16 +91,89 @@ def build_submission(job: str, overrides: list[str], working_dir: str | Path) ->
     return {"entrypoint": entrypoint, "runtime_env": runtime_env}
 
 
+def durable_path_problem(spec) -> str | None:
+    """Why `spec` cannot run as a job on a cluster, or None: an output folder given as a relative local path
+    resolves inside Ray's temporary copy of the working dir and vanishes with it."""
+    for field in ("storage_path", "output"):  # train / eval-watch runs; eval results
+        value = getattr(spec, field, None)
+        if isinstance(value, str) and value and is_local(value) and not _absolute(value):
+            return (f"{field}: {value!r} is a relative path; a job on a Ray cluster runs inside Ray's temporary "
+                    f"copy of the working dir, which is deleted with the job, and its outputs with it: use an "
+                    f"absolute path on storage every node shares or an s3:// URL "
+                    f"(e.g. --set {field}=s3://BUCKET/runs)")
+    return None
+
+
+def _absolute(path: str) -> bool:
+    path = path[len("file://"):] if path.startswith("file://") else path
+    return os.path.isabs(os.path.expanduser(path))
+
+
+def in_submitted_job() -> bool:
+    """True in the driver of a job started through Ray's Jobs API (`yworld submit` or `ray job submit`)."""
+    return _JOB_CONFIG_ENV in os.environ
+
+
+def submitted_runtime_env() -> dict:
+    """The runtime env the job was submitted with ({} outside a Jobs API job)."""
+    import json
+
+    try:
+        return dict(json.loads(os.environ.get(_JOB_CONFIG_ENV, "{}")).get("runtime_env") or {})
+    except ValueError:
+        return {}
+
+
+# ------------------------------------------------------------------------------------------ the cluster
+def auth_headers() -> dict[str, str]:
+    """The bearer header for a cluster with Ray's token authentication: the token from RAY_AUTH_TOKEN, the file
+    named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (Ray's own order); {} when there is none."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise YWorldError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the Ray token ({e.strerror}); fix the "
+                              f"path or unset it") from None
+        if not token:
+            raise YWorldError(f"RAY_AUTH_TOKEN_PATH={path}: the file is empty; put the cluster's token there")
+    if not token:
+        default = Path.home() / ".ray" / "auth_token"
+        token = default.read_text().strip() if default.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _client(address: str | None):
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=auth_headers())
+    except YWorldError:
+        raise
+    except AuthenticationError:
+        raise _auth_error(address) from None
     except Exception as e:
-        raise YWorldError(f"cannot reach the Ray Jobs API at {address} ({str(e).splitlines()[0][:160]}): start a "
-                          f"cluster (ray up jobs/cluster/aws-4x8gpu.yaml, or `ray start --head`) or pass "
+        raise YWorldError(f"cannot reach the Ray Jobs API at {redact_url(address)} "
+                          f"({_first_line(e, redact=address)}): start a cluster (ray up "
+                          f"jobs/cluster/aws-4x8gpu.yaml, or `ray start --head`) or pass "
                           f"--address http://HEAD:8265") from None
+
+
+def _first_line(error: BaseException, limit: int = 160, redact: str = "") -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if redact and redact != redact_url(redact):
+        text = text.replace(redact, redact_url(redact))
+    return text[:limit]
+
+
+def _auth_error(address: str | None) -> YWorldError:
+    address = redact_url(address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS)
+    return YWorldError(f"the Ray cluster at {address} refused the request (token authentication): give this shell "
+                       f"the cluster's token with RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token "
+                       f"(`ray get-auth-token` on the head prints it)")
 
 
 def _follow(client, job_id: str) -> None:
@@ -102,9 +197,19 @@ def _wait_status(client, job_id: str, timeout_s: float = 30.0):
 
 
 def main(args: argparse.Namespace) -> int:
-    client = _client(args.address)
-    if args.command == "submit":
+    from ray.exceptions import AuthenticationError
+
+    if args.command == "submit":  # validate before touching the network: a typo never reaches the cluster
         kwargs = build_submission(args.job, args.overrides, args.working_dir)
+    client = _client(args.address)
+    try:
+        return _run(client, args, kwargs if args.command == "submit" else None)
+    except AuthenticationError:
+        raise _auth_error(args.address) from None
+
+
+def _run(client, args: argparse.Namespace, kwargs: dict | None) -> int:
+    if args.command == "submit":
         job_id = client.submit_job(submission_id=args.job_id, **kwargs)
         print(f"submitted {job_id}: {kwargs['entrypoint']}")
         print(f"  follow: yworld logs {job_id} -f   status: yworld status {job_id}   stop: yworld stop {job_id}")
@@ -132,5 +237,5 @@ def main(args: argparse.Namespace) -> int:
             print(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
             return 0
     except RuntimeError as e:  # the SDK raises RuntimeError for unknown job ids
-        raise YWorldError(f"job {job_id}: {str(e).splitlines()[0][:200]}: list jobs with `ray job list`") from None
+        raise YWorldError(f"job {job_id}: {_first_line(e, 200)}: list jobs with `ray job list`") from None
     raise ConfigError(f"unknown command {args.command}")

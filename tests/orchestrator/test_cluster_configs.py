@@ -87,3 +87,28 @@ def test_rayjob_manifest_runs_pretrain_l(jobs_dir):
 
     pretrain = load_spec(spec["entrypoint"].split()[2])
     assert pretrain.scaling.use_gpu and pretrain.scaling.num_workers == total_gpus
+
+
+def test_no_cluster_config_leaves_the_jobs_api_open(jobs_dir):
+    """Ray 2.60 has token authentication off by default: whoever reaches the dashboard port runs code on the
+    cluster. Every config turns it on, with one token shared by the nodes and the submitting clients."""
+    raw = _load(jobs_dir / "cluster" / "aws-4x8gpu.yaml")
+    starts = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    assert not any("0.0.0.0" in c for c in starts)  # the Jobs API on the head's loopback: `ray dashboard` tunnel
+    assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the same token on every node
+
+    secrets = set()
+    for name, spec_of in (("raycluster.yaml", lambda d: d["spec"]), ("rayjob-pretrain-l.yaml",
+                          lambda d: d["spec"]["rayClusterSpec"]), ("eval-rayjob.yaml",
+                          lambda d: d["spec"]["rayClusterSpec"])):
+        auth = spec_of(_load(jobs_dir / "k8s" / name)).get("authOptions") or {}
+        assert auth.get("mode") == "token", name
+        secrets.add(auth["secretName"])
+    cron = _load(jobs_dir / "k8s" / "eval-cronjob.yaml")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    secrets.add(env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"])
+    assert len(secrets) == 1  # one Secret: the cluster's token is the clients' token
+    assert not any("AUTH_TOKEN" in arg for arg in container["command"])  # never on a command line
