@@ -352,7 +352,7 @@ def write_shard(index: int, entries: list[ImageEntry], out_url: str, key: str, s
     name = shard_name(index)
     shard_path, marker_path = f"{out_path}/{name}", f"{out_path}/{DONE_DIR}/{name}.json"
     with storage_errors(out_url, storage):
-        done = _finished(fs, shard_path, marker_path, key)
+        done = finished_shard(fs, shard_path, marker_path, key)
         if done is not None:
             return {**done, "skipped": True}
 
@@ -375,11 +375,10 @@ def write_shard(index: int, entries: list[ImageEntry], out_url: str, key: str, s
         pq.write_table(records_to_table(records), buf, row_group_size=row_group_size,
                        compression={"image": "NONE", **{c: "zstd" for c in _SMALL_COLUMNS}})
         blob = buf.getvalue()
-        result = {"index": index, "path": name, "rows": len(records), "sha256": _sha256(blob), "bytes": len(blob),
-                  "boxes": sum(len(r.boxes) for r in records), "rejects": rejects.to_dict(),
-                  "rejected_images": rejected_images, "key": key}
-        write_bytes_atomic(fs, shard_path, blob)
-        write_bytes_atomic(fs, marker_path, json.dumps(result).encode("utf-8"))  # after the shard: "done"
+        result = write_finished_shard(fs, shard_path, marker_path, blob, key, {
+            "index": index, "path": name, "rows": len(records), "bytes": len(blob),
+            "boxes": sum(len(r.boxes) for r in records), "rejects": rejects.to_dict(),
+            "rejected_images": rejected_images})
     return {**result, "skipped": False}
 
 
@@ -387,7 +386,16 @@ _SMALL_COLUMNS = ("image_id", "file_name", "width", "height", "boxes", "box_text
                   "source", "kind", "is_image_text")
 
 
-def _finished(fs, shard_path: str, marker_path: str, key: str) -> dict | None:
+def write_finished_shard(fs, shard_path: str, marker_path: str, blob: bytes, key: str, info: dict) -> dict:
+    """Write a shard, then its done-marker (`info` + the plan key + the shard's sha256): the pair that
+    `finished_shard` accepts. Also used by the pseudo-labelling job for its label parts."""
+    marker = {**info, "sha256": _sha256(blob), "key": key}
+    write_bytes_atomic(fs, shard_path, blob)
+    write_bytes_atomic(fs, marker_path, json.dumps(marker).encode("utf-8"))  # after the shard: "done"
+    return marker
+
+
+def finished_shard(fs, shard_path: str, marker_path: str, key: str) -> dict | None:
     """The marker of a finished shard when it matches this plan and the file's sha256, else None."""
     try:
         marker = json.loads(fs.cat_file(marker_path))

@@ -27,9 +27,11 @@ def synthetic_ingests(spec: SyntheticSpec, storage: StorageOptions) -> list[Inge
     """Generate the synthetic world unless present; the ingest configs that turn it into shards."""
     from yworld.datasets.synthetic import SyntheticPaths, generate
 
-    if _exists(join(spec.raw, "world.json"), storage):  # world.json is the last file generate() writes
+    # world.json is the last file generate() writes; a world from before the captions split gets redrawn
+    # (same seed: the other splits come out byte-identical)
+    paths = SyntheticPaths.at(spec.raw)
+    if _exists(paths.world, storage) and _exists(paths.captions_truth, storage):
         log.info("synthetic world already at %s", spec.raw)
-        paths = SyntheticPaths.at(spec.raw)
     else:
         log.info("writing the synthetic world (%d images, %d px) to %s", spec.num_images, spec.img_size, spec.raw)
         paths = generate(spec.raw, seed=spec.seed, num_images=spec.num_images, img_size=spec.img_size,

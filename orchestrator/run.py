@@ -3,7 +3,7 @@
 The driver runs in this process. With no cluster address (flag, `address:` in the spec, or $RAY_ADDRESS, which
 Ray sets for jobs submitted through the Jobs API) it starts a local Ray sized for the job, so
 `yworld run smoke` works on a laptop and the same YAML runs on a cluster. `kind:` picks what runs: train,
-ingest, eval, eval-watch.
+ingest, eval, eval-watch, pseudo_label.
 """
 from __future__ import annotations
 
@@ -64,6 +64,13 @@ def run_job(job, address: str | None = None) -> object:
 
             outcome.evaluation = evaluate_run_model(job.eval, outcome.run_url, job.model.text_encoder,
                                                     job.storage)
+        if job.pseudo_label is not None:  # the final model labels new image-text pairs (self-training)
+            from yworld.datasets.storage import join
+            from yworld.orchestrator.pseudo_label.job import label
+
+            outcome.pseudo_label = label(job.pseudo_label, job.storage, weights=outcome.final_model,
+                                         text_encoder=job.model.text_encoder,
+                                         output=job.pseudo_label.output or join(outcome.run_url, "pseudo_label"))
         return outcome
     if kind == "ingest":
         from yworld.orchestrator.prepare import prepare_data
@@ -71,6 +78,10 @@ def run_job(job, address: str | None = None) -> object:
         init_ray(address or job.address)
         prepare_data(job.synthetic, job.ingest, job.storage.resolved(), skip_done=False)
         return None
+    if kind == "pseudo_label":
+        from yworld.orchestrator.pseudo_label.job import run_job as run_pseudo_label
+
+        return run_pseudo_label(job, address)
     if kind == "eval":
         from yworld.orchestrator.eval.job import run_job as run_eval
     else:
@@ -99,7 +110,9 @@ def main(args: argparse.Namespace) -> int:
               f"final model: {outcome.final_model}")
         if outcome.evaluation is not None:
             print(outcome.evaluation.format())
-    elif job.kind == "eval":
+        if outcome.pseudo_label is not None:
+            print(outcome.pseudo_label.format())
+    elif job.kind in ("eval", "pseudo_label"):
         print(outcome.format())
     return 0
 

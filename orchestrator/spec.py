@@ -38,6 +38,7 @@ JOB_KINDS: dict[str, str] = {
     "ingest": "yworld.orchestrator.train_spec:IngestJob",
     "eval": "yworld.orchestrator.eval.job:EvalJob",
     "eval-watch": "yworld.orchestrator.eval.watch:WatchJob",
+    "pseudo_label": "yworld.orchestrator.pseudo_label.job:PseudoLabelJob",
 }
 
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")

@@ -14,6 +14,7 @@ from yworld.datasets.ingest import IngestConfig
 from yworld.datasets.storage import StorageOptions
 from yworld.datasets.stream import StreamConfig
 from yworld.orchestrator.eval.job import TrainEvalSpec
+from yworld.orchestrator.pseudo_label.job import PseudoLabelSpec
 from yworld.orchestrator.strategy import StrategyConfig
 
 __all__ = ["ModelSpec", "OptimSpec", "LossSpec", "TrainSpec", "ScalingSpec", "CheckpointSpec", "MetricsSpec",
@@ -166,6 +167,8 @@ class TrainJob:
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
     eval: TrainEvalSpec | None = None  # evaluate the final model when training ends (yworld.orchestrator.eval)
+    # then pseudo-label image-text pairs with it (yworld.orchestrator.pseudo_label; output {run}/pseudo_label)
+    pseudo_label: PseudoLabelSpec | None = None
 
     def __post_init__(self):
         if not self.name or "/" in self.name:

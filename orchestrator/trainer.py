@@ -34,6 +34,7 @@ class TrainOutcome:
     history: list[dict[str, Any]]  # every report this driver saw
     checkpoint: str | None  # the latest checkpoint folder
     evaluation: Any = None  # EvalOutcome of the job's `eval:` section, when it has one
+    pseudo_label: Any = None  # PseudoLabelOutcome of the job's `pseudo_label:` step, when it has one
 
 
 def run_url(job: TrainJob) -> str:
