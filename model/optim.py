@@ -1,26 +1,40 @@
 """Optimizer parameter groups, the optimizer, and the YOLOv5-style warmup + linear learning-rate schedule.
 
-ref: yolo-world.md §3 "Optimizer" (official pretrain config: AdamW lr 2e-3, weight decay 0.05/2 scaled by
-total_batch/64, no decay on biases and norms, `custom_keys={'backbone.text_model': lr_mult 0.01,
-'logit_scale': weight_decay 0}`, `YOLOv5ParamSchedulerHook` linear to 0.01x with 3 warmup epochs, at least
-1000 iterations, warmup_bias_lr 0.1, warmup_momentum 0.8).
+The official runs build the optimizer with `YOLOWv5OptimizerConstructor` and schedule it with mmyolo's
+`YOLOv5ParamSchedulerHook` (AILab-CVC/YOLO-World@4f70adb `yolo_world/engine/optimizers/
+yolow_v5_optim_constructor.py`; the hook is `mmyolo/engine/hooks/yolov5_param_scheduler_hook.py` in the
+mmyolo submodule the repository pins, onuralpszr/mmyolo@4d97b3a = open-mmlab/mmyolo v0.6.0 8c4d9dc plus a
+version bump). What they do, and what this module does with it:
 
-Groups (empty ones are dropped; each carries a "name"):
-- "decay":         conv / linear weights (everything not below), weight decay;
-- "norm":          norm-layer weights (BatchNorm, LayerNorm, GroupNorm, ...), no decay;
-- "bias":          every parameter whose attribute name is `bias` (conv, linear, norm, attention and the
-                   0-d contrastive bias), no decay; the schedule warms these up from `warmup_bias_lr`;
-- "logit_scale":   contrastive-head temperatures, no decay;
-- "text", "text_no_decay": trainable parameters under a text-encoder prefix, lr * text_lr_mult.
-Frozen parameters (requires_grad False) are left out.
+Weight decay and lr per parameter (the constructor's `add_params`, in its order of precedence):
+- a text-encoder parameter (`custom_keys={'backbone.text_model': lr_mult 0.01}`): lr x `text_lr_mult`;
+- `logit_scale` (`custom_keys={'logit_scale': weight_decay 0}`): never decayed;
+- every parameter of a norm layer (weight and bias): weight decay x `norm_decay_mult`;
+- every other parameter called `bias`: weight decay x `bias_decay_mult`;
+- the rest (conv / linear weights): the full weight decay.
+The multipliers are recipe data: the pre-training configs set `norm_decay_mult=0, bias_decay_mult=0`
+(`configs/pretrain/*.py`), the COCO fine-tuning configs set neither, so there norms and biases ARE decayed
+(`configs/finetune_coco/*.py`). Frozen parameters (requires_grad False) are left out.
 
-One deviation, on purpose: the official constructor (`YOLOWv5OptimizerConstructor`) makes one group per
-parameter, and the scheduler hook applies warmup_bias_lr to param group index 2 only, which there is a
-single tensor (`backbone.image_model.stem.bn.bias`) [derived]. We apply it to every bias, as YOLOv5 and
-ultralytics intend. Ultralytics uses warmup_bias_lr 0.0 with AdamW; set it so in the job for that behaviour.
+Bias warm-up. The hook ramps every group's lr from 0 to its scheduled value over the warm-up, except param
+group index 2, which starts at `warmup_bias_lr` (0.1). YOLOv5 meant group 2 to be "all biases", but the
+YOLO-World constructor makes ONE GROUP PER TENSOR in module order (frozen ones included), so group 2 is the
+third tensor of the detector: `backbone.image_model.stem.conv.weight`, `.stem.bn.weight`,
+`.stem.bn.bias` -> only the stem BatchNorm's bias (our name `backbone.stem.bn.bias`) warms up from 0.1 in
+the released runs; every other bias starts at 0 like the weights. `warmup_bias_params` (fnmatch patterns
+over parameter names) says which tensors get the bias warm-up: `OFFICIAL_WARMUP_BIAS` reproduces the
+released runs; `("*.bias",)` is what YOLOv5 intended (apply it to every bias: under AdamW at lr 2e-3 that
+starts them 50x above the base lr, and the first steps' gradient norm spikes); ultralytics sets
+`warmup_bias_lr = 0.0` whenever it picks AdamW (ultralytics 8.4.190 `engine/trainer.py`
+`BaseTrainer.build_optimizer`), which `warmup_bias_lr: 0` or an empty list gives here.
+
+Groups (empty ones are dropped; each carries "name" and "warmup_bias"): "decay", "norm", "bias",
+"logit_scale", their text-encoder twins "text", "text_norm", "text_bias", "text_logit_scale", and for the
+tensors chosen by `warmup_bias_params` the same names with a "_warmup" suffix (e.g. "norm_warmup").
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Sequence
 
@@ -29,10 +43,13 @@ from torch import nn
 
 from yworld.model.errors import ConfigError
 
-__all__ = ["param_groups", "build_optimizer", "scaled_weight_decay", "WarmupLinearSchedule", "TEXT_PREFIXES"]
+__all__ = ["param_groups", "build_optimizer", "scaled_weight_decay", "WarmupLinearSchedule", "TEXT_PREFIXES",
+           "OFFICIAL_WARMUP_BIAS"]
 
 # Module-name prefixes of a trainable text encoder inside the model (the official `backbone.text_model`).
 TEXT_PREFIXES = ("text_model", "text_encoder", "backbone.text_model")
+# The one tensor the released runs warm up from warmup_bias_lr: mmyolo's param group index 2 (module doc).
+OFFICIAL_WARMUP_BIAS = ("backbone.stem.bn.bias",)
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
@@ -41,16 +58,32 @@ def _is_text(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def _kind(attr: str, is_norm: bool) -> str:
+    """The constructor's precedence: logit_scale (custom key) > norm layer > bias > plain weight."""
+    if attr == "logit_scale":
+        return "logit_scale"
+    if is_norm:
+        return "norm"
+    return "bias" if attr == "bias" else "decay"
+
+
 def param_groups(
     model: nn.Module,
     lr: float,
     weight_decay: float,
+    *,
+    norm_decay_mult: float = 0.0,
+    bias_decay_mult: float = 0.0,
     text_lr_mult: float = 0.01,
     text_prefixes: Sequence[str] = TEXT_PREFIXES,
+    warmup_bias_params: Sequence[str] = OFFICIAL_WARMUP_BIAS,
 ) -> list[dict]:
-    """Split the trainable parameters of `model` into the named groups above (torch.optim format)."""
-    buckets: dict[str, list[nn.Parameter]] = {k: [] for k in ("decay", "norm", "bias", "logit_scale", "text",
-                                                               "text_no_decay")}
+    """Split the trainable parameters of `model` into the named groups of the module doc (torch.optim
+    format, plus "name" and "warmup_bias" keys). Defaults are the pre-training recipe."""
+    decay_of = {"decay": weight_decay, "norm": weight_decay * norm_decay_mult,
+                "bias": weight_decay * bias_decay_mult, "logit_scale": 0.0}
+    groups: dict[str, dict] = {}
+    matched: set[str] = set()
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         is_norm = isinstance(module, _NORMS)
@@ -59,36 +92,27 @@ def param_groups(
                 continue
             seen.add(id(param))
             full = f"{module_name}.{attr}" if module_name else attr
-            no_decay = is_norm or attr == "bias"
-            if _is_text(full, text_prefixes):
-                buckets["text_no_decay" if no_decay or attr == "logit_scale" else "text"].append(param)
-            elif attr == "logit_scale":
-                buckets["logit_scale"].append(param)
-            elif attr == "bias":
-                buckets["bias"].append(param)
-            elif no_decay:
-                buckets["norm"].append(param)
-            else:
-                buckets["decay"].append(param)
-    settings = {
-        "decay": (lr, weight_decay),
-        "norm": (lr, 0.0),
-        "bias": (lr, 0.0),
-        "logit_scale": (lr, 0.0),
-        "text": (lr * text_lr_mult, weight_decay),
-        "text_no_decay": (lr * text_lr_mult, 0.0),
-    }
-    return [
-        {"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
-        for name, params in buckets.items()
-        if params
-    ]
+            kind = _kind(attr, is_norm)
+            text = _is_text(full, text_prefixes)
+            hits = [p for p in warmup_bias_params if fnmatch.fnmatchcase(full, p)]
+            matched.update(hits)
+            name = ("text" if kind == "decay" else f"text_{kind}") if text else kind
+            name += "_warmup" if hits else ""
+            group = groups.setdefault(name, {
+                "name": name, "params": [], "lr": lr * (text_lr_mult if text else 1.0),
+                "weight_decay": decay_of[kind], "warmup_bias": bool(hits)})
+            group["params"].append(param)
+    missing = [p for p in warmup_bias_params if p not in matched]
+    if missing:
+        raise ConfigError(f"optim.warmup_bias_params: {missing} match no trainable parameter of the model; "
+                          "give parameter names (fnmatch patterns) such as 'backbone.stem.bn.bias' or '*.bias'")
+    return list(groups.values())
 
 
 def scaled_weight_decay(weight_decay: float, total_batch_size: int, base_total_batch_size: int = 64) -> float:
     """mmyolo / YOLOv5 weight-decay scaling by the total batch: wd * total * accumulate / 64 with
-    accumulate = max(round(64 / total), 1). Official pretraining: 0.025 at 32 x 16 = 512 -> 0.2
-    (ref: yolo-world.md §3 "Optimizer")."""
+    accumulate = max(round(64 / total), 1) (`YOLOWv5OptimizerConstructor.__call__`). Official pretraining:
+    0.025 at 32 x 16 = 512 -> 0.2; the SGD COCO fine-tune: 5e-4 at 8 x 16 = 128 -> 1e-3."""
     accumulate = max(round(base_total_batch_size / total_batch_size), 1)
     return weight_decay * total_batch_size * accumulate / base_total_batch_size
 
@@ -96,19 +120,25 @@ def scaled_weight_decay(weight_decay: float, total_batch_size: int, base_total_b
 def build_optimizer(
     model: nn.Module,
     name: str = "adamw",
-    lr: float = 2e-3,  # ref: yolo-world.md §3 "Optimizer"
+    lr: float = 2e-3,  # official pre-training base_lr
     weight_decay: float = 0.025,  # the config's 0.05 / 2 before batch scaling
+    *,
     betas: tuple[float, float] = (0.9, 0.999),
-    momentum: float = 0.937,  # SGD fine-tuning recipe (ref §3 "Fine-tuning recipes")
+    momentum: float = 0.937,  # SGD: the COCO fine-tune recipe
     nesterov: bool = True,
+    norm_decay_mult: float = 0.0,
+    bias_decay_mult: float = 0.0,
     text_lr_mult: float = 0.01,
     total_batch_size: int | None = None,  # given: weight decay scaled the mmyolo way
     text_prefixes: Sequence[str] = TEXT_PREFIXES,
+    warmup_bias_params: Sequence[str] = OFFICIAL_WARMUP_BIAS,
 ) -> torch.optim.Optimizer:
     """AdamW (pre-training) or SGD (fine-tuning) over `param_groups(model, ...)`."""
     if total_batch_size is not None:
         weight_decay = scaled_weight_decay(weight_decay, total_batch_size)
-    groups = param_groups(model, lr, weight_decay, text_lr_mult, text_prefixes)
+    groups = param_groups(model, lr, weight_decay, norm_decay_mult=norm_decay_mult,
+                          bias_decay_mult=bias_decay_mult, text_lr_mult=text_lr_mult,
+                          text_prefixes=text_prefixes, warmup_bias_params=warmup_bias_params)
     if not groups:
         raise ConfigError("optimizer: the model has no trainable parameters; check which modules are frozen")
     kind = name.lower()
@@ -124,9 +154,9 @@ class WarmupLinearSchedule:
 
     After warmup: lr = initial_lr * lf(x), lf(x) = (1 - x / X) * (1 - final_lr_factor) + final_lr_factor, with
     x = step / total_steps (smooth) or, given `steps_per_epoch`, the epoch index over the epoch count (mmyolo
-    changes the lr once per epoch). During warmup (step <= warmup_steps) lr goes linearly from 0 ("bias"
-    groups: from `warmup_bias_lr`) to that value, and momentum from `warmup_momentum` to its initial value
-    (groups with a "momentum" key only, i.e. SGD; mmyolo leaves AdamW's betas alone).
+    changes the lr once per epoch). During warmup (step <= warmup_steps) lr goes linearly from 0 (groups with
+    "warmup_bias": from `warmup_bias_lr`) to that value, and momentum from `warmup_momentum` to its initial
+    value (groups with a "momentum" key only, i.e. SGD; mmyolo leaves AdamW's betas alone).
 
     Call `set_step(global_step)` before each optimizer step.
     """
@@ -183,7 +213,7 @@ class WarmupLinearSchedule:
         for group in self.optimizer.param_groups:
             target = group["initial_lr"] * factor
             if warming:
-                start = self.warmup_bias_lr if group.get("name") == "bias" else 0.0
+                start = self.warmup_bias_lr if group.get("warmup_bias") else 0.0
                 group["lr"] = start + (target - start) * t
                 if "initial_momentum" in group:
                     m0 = self.warmup_momentum
@@ -196,3 +226,7 @@ class WarmupLinearSchedule:
     def lrs(self) -> dict[str, float]:
         """Current lr per group name (for logging)."""
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+
+    def bias_lr(self) -> float:
+        """Current lr of the bias warm-up tensors (the `lr_bias` metric); nan when no group has them."""
+        return next((g["lr"] for g in self.optimizer.param_groups if g.get("warmup_bias")), float("nan"))

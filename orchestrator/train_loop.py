@@ -64,8 +64,10 @@ def train_loop_per_worker(config: dict) -> None:
             ema.load_state_dict(ema_state)
 
         # ---- strategy: DDP or DeepSpeed wraps the model and owns the optimizer
-        optimizer = build_optimizer(model, name=job.optim.name, lr=job.optim.lr, weight_decay=job.optim.weight_decay,
-                                    betas=job.optim.betas, momentum=job.optim.momentum)
+        o = job.optim
+        optimizer = build_optimizer(model, name=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
+                                    momentum=o.momentum, nesterov=o.nesterov, norm_decay_mult=o.norm_decay_mult,
+                                    bias_decay_mult=o.bias_decay_mult, warmup_bias_params=o.warmup_bias_params)
         strategy = make_strategy(job.strategy, model, optimizer, accumulation, job.optim.grad_clip)
         if resume is not None:
             strategy.load(resume)
@@ -182,7 +184,7 @@ class _Window:
         parts = {k: v / n for k, v in self.sums.items()}
         lrs = schedule.lrs()
         out = {"step": step, "epoch": epoch, "loss": sum(parts.values()), **parts,
-               "lr": lrs.get("decay", next(iter(lrs.values()))), "lr_bias": lrs.get("bias", float("nan")),
+               "lr": lrs.get("decay", next(iter(lrs.values()))), "lr_bias": schedule.bias_lr(),
                "grad_norm": self.grad_norm, "world_size": world, "global_batch": accumulation.global_batch,
                "accumulation_steps": accumulation.steps,
                "images_per_s": self.images * world / max(self.seconds, 1e-9),

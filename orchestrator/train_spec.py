@@ -13,6 +13,7 @@ from typing import Literal
 from yworld.datasets.ingest import IngestConfig
 from yworld.datasets.storage import StorageOptions
 from yworld.datasets.stream import StreamConfig
+from yworld.model.optim import OFFICIAL_WARMUP_BIAS
 from yworld.orchestrator.eval.job import TrainEvalSpec
 from yworld.orchestrator.pseudo_label.job import PseudoLabelSpec
 from yworld.orchestrator.strategy import StrategyConfig
@@ -37,25 +38,37 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class OptimSpec:
-    """AdamW + YOLOv5 warmup / linear schedule (yworld.model.optim). Values: ref yolo-world.md §3 "Optimizer"."""
+    """AdamW / SGD + YOLOv5 warmup / linear schedule (yworld.model.optim, whose module doc cites the official
+    constructor and scheduler hook). Defaults: the official pre-training recipe (configs/pretrain/*.py)."""
 
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 2e-3
     # The EFFECTIVE weight decay, applied as written (no hidden batch scaling): the official config says
     # 0.05 / 2 = 0.025 and YOLOWv5OptimizerConstructor multiplies it by total_batch / 64 = 512 / 64 = 8.
     weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.999)
+    # Weight decay multipliers for norm-layer parameters and for other biases: 0 in pre-training
+    # (paramwise_cfg norm_decay_mult / bias_decay_mult = 0), 1 in the COCO fine-tuning configs (not set there).
+    norm_decay_mult: float = 0.0
+    bias_decay_mult: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
     momentum: float = 0.937  # SGD only
+    nesterov: bool = True  # SGD only
     warmup_epochs: float = 3.0
     warmup_min_steps: int = 1000
     warmup_bias_lr: float = 0.1
+    # Which parameters warm up from warmup_bias_lr (fnmatch patterns over parameter names; the others start
+    # at 0): the official hook's param group 2, the stem BN bias only ('*.bias' = YOLOv5's every bias).
+    warmup_bias_params: tuple[str, ...] = OFFICIAL_WARMUP_BIAS
     warmup_momentum: float = 0.8  # SGD only (mmyolo leaves AdamW's betas alone)
     final_lr_factor: float = 0.01
     grad_clip: float = 10.0  # max gradient norm; 0 disables
 
     def __post_init__(self):
+        object.__setattr__(self, "warmup_bias_params", tuple(self.warmup_bias_params))
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 < self.final_lr_factor <= 1:
             raise ValueError("lr must be > 0, weight_decay and grad_clip >= 0, final_lr_factor in (0, 1]")
+        if self.norm_decay_mult < 0 or self.bias_decay_mult < 0 or self.warmup_bias_lr < 0:
+            raise ValueError("norm_decay_mult, bias_decay_mult and warmup_bias_lr must be >= 0")
 
 
 @dataclass(frozen=True)

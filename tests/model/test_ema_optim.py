@@ -9,7 +9,9 @@ from torch import nn
 
 from yworld.model.ema import ModelEMA
 from yworld.model.errors import ConfigError
-from yworld.model.optim import WarmupLinearSchedule, build_optimizer, param_groups, scaled_weight_decay
+from yworld.model.optim import (
+    OFFICIAL_WARMUP_BIAS, WarmupLinearSchedule, build_optimizer, param_groups, scaled_weight_decay,
+)
 
 
 class Tiny(nn.Module):
@@ -73,67 +75,93 @@ def test_ema_checkpoint_round_trip_and_wrapped_models():
         ModelEMA(model, decay=1.5)
 
 
-def test_param_groups_split_decay_norm_bias_scale_and_text():
-    model = Tiny()
-    groups = {g["name"]: g for g in param_groups(model, lr=0.01, weight_decay=0.05, text_lr_mult=0.01)}
+def _members(model, groups):
     names = {id(p): n for n, p in model.named_parameters()}
-    members = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
-    assert members == {
+    return {g["name"]: sorted(names[id(p)] for p in g["params"]) for g in groups}
+
+
+def test_param_groups_follow_the_pretraining_constructor():
+    """YOLOWv5OptimizerConstructor precedence: text lr x 0.01; logit_scale never decayed; norm layers (weight
+    and bias) x norm_decay_mult; other biases x bias_decay_mult (both 0 in pre-training)."""
+    model = Tiny()
+    groups = param_groups(model, lr=0.01, weight_decay=0.05, text_lr_mult=0.01, warmup_bias_params=())
+    assert _members(model, groups) == {
         "decay": ["conv.weight", "fc.weight"],
-        "norm": ["bn.weight", "norm.weight"],
-        "bias": ["bn.bias", "fc.bias", "norm.bias"],
+        "norm": ["bn.bias", "bn.weight", "norm.bias", "norm.weight"],
+        "bias": ["fc.bias"],
         "logit_scale": ["logit_scale"],
         "text": ["text_model.weight"],
-        "text_no_decay": ["text_model.bias"],
+        "text_bias": ["text_model.bias"],
     }
-    assert groups["decay"]["weight_decay"] == 0.05 and groups["text"]["weight_decay"] == 0.05
-    assert all(groups[k]["weight_decay"] == 0 for k in ("norm", "bias", "logit_scale", "text_no_decay"))
-    assert groups["text"]["lr"] == pytest.approx(1e-4) and groups["decay"]["lr"] == 0.01
-    # frozen parameters are left out entirely
-    assert not any(names[id(p)].startswith("frozen") for g in groups.values() for p in g["params"])
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["decay"]["weight_decay"] == 0.05 and by_name["text"]["weight_decay"] == 0.05
+    assert all(by_name[k]["weight_decay"] == 0 for k in ("norm", "bias", "logit_scale", "text_bias"))
+    assert by_name["text"]["lr"] == pytest.approx(1e-4) and by_name["decay"]["lr"] == 0.01
+    assert not any(g["warmup_bias"] for g in groups)  # frozen parameters are left out entirely (no "frozen.*")
 
 
-def test_param_groups_cover_the_real_model_once():
+def test_fine_tuning_decays_norms_and_biases_but_not_logit_scale():
+    model = Tiny()
+    groups = param_groups(model, lr=1e-3, weight_decay=1e-3, norm_decay_mult=1.0, bias_decay_mult=1.0,
+                          warmup_bias_params=())
+    decay = {g["name"]: g["weight_decay"] for g in groups}
+    assert decay == {"decay": 1e-3, "norm": 1e-3, "bias": 1e-3, "logit_scale": 0.0, "text": 1e-3,
+                     "text_bias": 1e-3}
+
+
+def test_bias_warmup_goes_to_the_official_single_tensor_or_to_the_chosen_ones():
     from yworld.model import build_model
 
     model = build_model("yolo_world_v2_tiny", text_dim=16)
-    groups = param_groups(model, lr=2e-3, weight_decay=0.025)
+    # mmyolo's param group 2 in one-group-per-tensor order is the third tensor: the stem BN bias
+    assert [n for n, _ in model.named_parameters()][2] == OFFICIAL_WARMUP_BIAS[0]
+    groups = param_groups(model, lr=2e-3, weight_decay=0.025)  # default: the official rule
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == sum(1 for p in model.parameters() if p.requires_grad)
-    by_name = {g["name"]: len(g["params"]) for g in groups}
-    assert by_name["logit_scale"] == 3 and "text" not in by_name
+    assert [m for g in groups if g["warmup_bias"] for m in _members(model, [g]).values()] == \
+        [[OFFICIAL_WARMUP_BIAS[0]]]
+    sizes = {g["name"]: len(g["params"]) for g in groups}
+    assert sizes["logit_scale"] == 3 and sizes["norm_warmup"] == 1 and "text" not in sizes
+    everything = param_groups(model, lr=2e-3, weight_decay=0.025, warmup_bias_params=["*.bias"])
+    warm = [n for g in everything if g["warmup_bias"] for n in _members(model, [g])[g["name"]]]
+    assert sorted(warm) == sorted(n for n, _ in model.named_parameters() if n.endswith(".bias"))
+    with pytest.raises(ConfigError, match="optim.warmup_bias_params"):
+        param_groups(model, lr=2e-3, weight_decay=0.025, warmup_bias_params=["backbone.stem.conv.bias"])
 
 
 def test_weight_decay_scaling_and_optimizer_choice():
     assert scaled_weight_decay(0.025, 512) == pytest.approx(0.2)  # official 32 x 16 pretraining
     assert scaled_weight_decay(0.025, 16) == pytest.approx(0.025)  # small batches are not scaled down
     model = Tiny()
-    adamw = build_optimizer(model, "adamw", lr=2e-3, weight_decay=0.025, total_batch_size=512)
+    adamw = build_optimizer(model, "adamw", lr=2e-3, weight_decay=0.025, total_batch_size=512,
+                            warmup_bias_params=())
     assert isinstance(adamw, torch.optim.AdamW)
     assert {g["name"]: g["weight_decay"] for g in adamw.param_groups}["decay"] == pytest.approx(0.2)
-    sgd = build_optimizer(model, "sgd", lr=1e-3, momentum=0.937)
+    sgd = build_optimizer(model, "sgd", lr=1e-3, momentum=0.937, warmup_bias_params=())
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
     with pytest.raises(ConfigError, match="optimizer.name"):
-        build_optimizer(model, "lion")
+        build_optimizer(model, "lion", warmup_bias_params=())
 
 
 def test_warmup_linear_schedule():
     model = Tiny()
-    opt = build_optimizer(model, "sgd", lr=0.01, momentum=0.937)
+    opt = build_optimizer(model, "sgd", lr=0.01, momentum=0.937, warmup_bias_params=["fc.bias"])
     sched = WarmupLinearSchedule(opt, total_steps=1000, warmup_steps=100, final_lr_factor=0.01,
                                  warmup_bias_lr=0.1, warmup_momentum=0.8)
     lrs = lambda: {g["name"]: g["lr"] for g in opt.param_groups}  # noqa: E731
     sched.set_step(0)
-    assert lrs()["bias"] == pytest.approx(0.1) and lrs()["decay"] == 0.0
+    # only the chosen tensor starts at warmup_bias_lr; every other group (other biases too) starts at 0
+    assert lrs()["bias_warmup"] == sched.bias_lr() == pytest.approx(0.1)
+    assert lrs()["decay"] == lrs()["norm"] == 0.0
     assert opt.param_groups[0]["momentum"] == pytest.approx(0.8)
     sched.set_step(50)  # halfway: from 0 (bias: 0.1) towards 0.01 * lf(50) = 0.01 * (1 - .05 * .99)
     target = 0.01 * ((1 - 50 / 1000) * 0.99 + 0.01)
     assert lrs()["decay"] == pytest.approx(target / 2)
-    assert lrs()["bias"] == pytest.approx(0.1 + (target - 0.1) / 2)
+    assert lrs()["bias_warmup"] == pytest.approx(0.1 + (target - 0.1) / 2)
     assert lrs()["text"] == pytest.approx(0.01 * target / 2)  # the text multiplier survives the schedule
     assert opt.param_groups[0]["momentum"] == pytest.approx((0.8 + 0.937) / 2)
     sched.set_step(500)
-    assert lrs()["bias"] == pytest.approx(0.01 * (0.5 * 0.99 + 0.01))
+    assert lrs()["bias_warmup"] == pytest.approx(0.01 * (0.5 * 0.99 + 0.01))
     assert opt.param_groups[0]["momentum"] == pytest.approx(0.937)
     sched.set_step(1000)
     assert lrs()["decay"] == pytest.approx(0.01 * 0.01)  # ends at final_lr_factor

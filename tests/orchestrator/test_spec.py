@@ -139,12 +139,16 @@ def test_pretrain_specs_state_the_paper_recipe(name):
     size = name.split("_")[1]
     assert job.model.name == f"yolo_world_v2_{size}" and job.model.text_encoder == "openai/clip-vit-base-patch32"
     sources = {s.name for s in job.data.sources}
-    assert sources == ({"objects365", "goldg", "cc3m"} if size == "x" else {"objects365", "goldg"})
+    # GoldG is two datasets (Flickr30k, GQA) in the official ConcatDataset, so two sources here
+    assert sources == {"objects365", "flickr30k", "gqa"} | ({"cc3m"} if size == "x" else set())
     assert (job.data.img_size, job.data.close_mosaic_epochs, job.data.mixup, job.data.max_texts) == (640, 2, 0.0, 80)
     assert job.data.affine_scale == (0.5 if size == "s" else 0.9)
     o = job.optim
     assert (o.name, o.lr, o.weight_decay, o.warmup_epochs, o.warmup_min_steps, o.final_lr_factor, o.grad_clip) == \
         ("adamw", 2e-3, 0.2, 3.0, 1000, 0.01, 10.0)
+    # no decay on norms and biases; only the stem BN bias (mmyolo's param group 2) warms up from 0.1
+    assert (o.norm_decay_mult, o.bias_decay_mult, o.warmup_bias_lr, o.warmup_bias_params) == \
+        (0.0, 0.0, 0.1, ("backbone.stem.bn.bias",))
     t = job.train
     assert (t.epochs, t.global_batch, t.batch_per_worker, t.ema, t.ema_decay) == (100, 512, 16, True, 0.9999)
     assert job.scaling.num_workers * t.batch_per_worker == t.global_batch and job.scaling.use_gpu
@@ -153,6 +157,19 @@ def test_pretrain_specs_state_the_paper_recipe(name):
         assert (job.strategy.kind, job.strategy.zero_stage, job.strategy.precision) == ("deepspeed", 2, "bf16")
     else:
         assert (job.strategy.kind, job.strategy.precision) == ("ddp", "fp16")
+
+
+def test_finetune_coco_is_the_official_sgd_box_recipe():
+    """configs/finetune_coco/yolo_world_v2_l_vlpan_bn_sgd_1e-3_40e_8gpus_finetune_coco.py: SGD 1e-3, momentum
+    0.937, Nesterov, wd 5e-4 x 128 / 64, norms and biases decayed, 40 epochs, close mosaic 30, MixUp 0.15."""
+    job = spec_lib.load_spec("finetune_coco")
+    o, d, t = job.optim, job.data, job.train
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay) == ("sgd", 1e-3, 0.937, True, 1e-3)
+    assert (o.norm_decay_mult, o.bias_decay_mult, o.warmup_momentum, o.warmup_bias_params) == \
+        (1.0, 1.0, 0.8, ("backbone.stem.bn.bias",))
+    assert (t.epochs, t.global_batch, d.close_mosaic_epochs, d.mixup, d.affine_scale) == (40, 128, 30, 0.15, 0.9)
+    assert job.scaling.num_workers * t.batch_per_worker == 128 and job.strategy.precision == "fp16"
+    assert job.model.init_weights
 
 
 def test_smoke_is_the_small_local_default():
