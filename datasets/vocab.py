@@ -6,14 +6,19 @@ Official rule (`MultiModalMosaic` + `RandomLoadText`; ref: yolo-world.md §3 "On
 2. `sample_vocabulary`: the positives are the texts that still have a box after augmentation; with more
    than `max_texts` positives, `max_texts` are sampled and the boxes of the others dropped. The rest is
    filled with negatives: the union's texts without a box (all kinds), plus, for DETECTION data only, the
-   source's class-text pool (the class list in the manifest), at most `max_texts` in all. Grounding and
-   image-text samples get no pool negatives: a caption's vocabulary is its own phrases (for them the
-   official code's vocabulary size V is the number of phrases, so it adds ~no negatives).
+   source's class-text pool (the class list in the manifest), at most `max_texts` in all, drawn
+   UNIFORMLY over the distinct non-positive texts: a class whose boxes a mosaic crop removed is in both the
+   union and the pool and is counted once (official: `random.sample` over every non-positive class index).
+   Grounding and image-text samples get no pool negatives: a caption's vocabulary is its own phrases (for
+   them the official code's vocabulary size V is the number of phrases, so it adds ~no negatives).
 3. One random synonym per text, the list shuffled, padded with '' to exactly `max_texts`.
    `text_mask` is False on the padding slots.
 
 Texts are synonym lists (`[["aerosol can", "spray can"], ["person"]]`); two texts are the same when their
-first synonym matches after strip + lower-case (`text_key`).
+whole synonym tuples are equal (`text_key`), as in the official merge (`tuple(x)` in
+`BaseMultiModalMixImageTransform._update_label_text`, AILab-CVC/YOLO-World@4f70adb
+yolo_world/datasets/transformers/mm_mix_img_transforms.py; the sampling is `RandomLoadText` in
+mm_transforms.py): two classes that share a first synonym ("bread" and "bread, bun") stay two texts.
 """
 from __future__ import annotations
 
@@ -26,8 +31,23 @@ MAX_TEXTS = 80  # "at most M nouns, M = 80", padded to 80 (ref: yolo-world.md §
 PAD_TEXT = ""
 
 
-def text_key(synonyms: Sequence[str]) -> str:
-    return synonyms[0].strip().lower() if len(synonyms) else ""
+def text_key(synonyms: Sequence[str]) -> tuple[str, ...]:
+    """The identity of a text: its whole synonym tuple, exactly as written (empty for no synonyms)."""
+    return tuple(str(s) for s in synonyms)
+
+
+# The key set of each source's class pool, computed once per pool object (a Ray task reuses one pool for
+# every sample of its windows): the negative draw asks "is this own text also in the pool" per sample.
+_POOL_KEYS: dict[int, tuple[Sequence, frozenset]] = {}
+
+
+def _pool_keys(pool: Sequence[Sequence[str]]) -> frozenset:
+    cached = _POOL_KEYS.get(id(pool))
+    if cached is None or cached[0] is not pool:
+        if len(_POOL_KEYS) > 16:
+            _POOL_KEYS.clear()
+        cached = _POOL_KEYS[id(pool)] = (pool, frozenset(text_key(t) for t in pool))
+    return cached[1]
 
 
 def merge_texts(
@@ -36,7 +56,7 @@ def merge_texts(
 ) -> tuple[list[list[str]], list[np.ndarray]]:
     """Union of several images' text lists; returns (union, each image's labels remapped into it)."""
     union: list[list[str]] = []
-    index: dict[str, int] = {}
+    index: dict[tuple[str, ...], int] = {}
     remapped = []
     for texts, labels in zip(texts_per_image, labels_per_image):
         local = np.empty(len(texts), dtype=np.int64)
@@ -74,12 +94,15 @@ def sample_vocabulary(
         positives = np.sort(rng.choice(positives, max_texts, replace=False))
     keep = np.isin(labels, positives)
 
-    # Negatives: drawn uniformly from the sample's own texts without a box and, for detection only, the
-    # class pool; walking a random permutation stops after max_texts hits instead of scanning the pool.
+    # Negatives: uniform over the distinct texts without a box: the sample's own texts and, for detection
+    # only, the class pool. An own text that is also in the pool is left to its pool copy, so every
+    # candidate text has exactly one index (else a class cropped out of a mosaic is ~2x as likely); walking
+    # a random permutation of the indices stops after `needed` hits instead of scanning the pool.
     taken = {text_key(texts[i]) for i in positives}
     positive_set = set(positives.tolist())
-    own = [t for i, t in enumerate(texts) if i not in positive_set]
     pool = negative_pool if (kind == "detection" and negative_pool) else ()
+    in_pool = _pool_keys(pool) if pool else frozenset()
+    own = [t for i, t in enumerate(texts) if i not in positive_set and text_key(t) not in in_pool]
     needed = max_texts - len(positives)
     negatives: list[Sequence[str]] = []
     if needed > 0:

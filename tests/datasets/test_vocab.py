@@ -1,4 +1,5 @@
-"""Online vocabulary rules: union, cap at 80, negatives for detection only, '' padding, label remapping."""
+"""Online vocabulary rules: union by synonym tuple, cap at 80, uniform negatives (pool for detection only),
+'' padding, label remapping."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,16 +10,17 @@ POOL = [[f"class{i}", f"class{i} alias"] for i in range(365)]
 
 
 def box_texts(texts, labels):
-    return [text_key(texts[int(t)]) for t in labels]
+    return [texts[int(t)] for t in labels]
 
 
-def test_merge_unions_texts_and_remaps_labels():
-    a = [["cat"], ["dog", "puppy"]]
-    b = [["Dog"], ["bird"]]  # "Dog" is the same text as "dog"
-    union, (la, lb) = merge_texts([a, b], [np.array([1, 0, 1]), np.array([1, 0])])
-    assert [t[0] for t in union] == ["cat", "dog", "bird"]
-    assert box_texts(union, la) == ["dog", "cat", "dog"]
-    assert box_texts(union, lb) == ["bird", "dog"]
+def test_merge_unions_texts_by_their_whole_synonym_tuple_and_remaps_labels():
+    a = [["cat"], ["dog", "puppy"], ["bread"]]
+    b = [["dog", "puppy"], ["bird"], ["bread", "bun"]]  # one shared text; "bread, bun" is not "bread"
+    union, (la, lb) = merge_texts([a, b], [np.array([1, 0, 1, 2]), np.array([1, 0, 2])])
+    assert union == [["cat"], ["dog", "puppy"], ["bread"], ["bird"], ["bread", "bun"]]
+    assert text_key(["bread"]) != text_key(["bread", "bun"])
+    assert box_texts(union, la) == [["dog", "puppy"], ["cat"], ["dog", "puppy"], ["bread"]]
+    assert box_texts(union, lb) == [["bird"], ["dog", "puppy"], ["bread", "bun"]]
     _, (empty,) = merge_texts([[["x"]]], [np.zeros(0, np.int64)])
     assert empty.shape == (0,)
 
@@ -92,3 +94,30 @@ def test_max_texts_is_respected():
     v = sample_vocabulary([["a"], ["b"]], np.array([0]), "detection", np.random.default_rng(0),
                           negative_pool=POOL, max_texts=8)
     assert len(v.texts) == 8 and v.text_mask.all()
+
+
+def test_classes_sharing_a_first_synonym_are_both_in_the_vocabulary():
+    pool = [["bread"], ["bread", "bun"], ["cake"]]
+    v = sample_vocabulary([["cake"]], np.array([0]), "detection", np.random.default_rng(0), negative_pool=pool,
+                          max_texts=8)
+    assert v.text_mask.sum() == 3  # cake (positive) + both breads as negatives
+
+
+def test_negatives_are_uniform_over_the_non_positive_classes():
+    """A class whose boxes a mosaic crop removed is in the merged texts AND in the pool; it must be drawn as
+    often as any other non-positive class (official RandomLoadText: random.sample over class indices)."""
+    pool = [[f"class{i}"] for i in range(40)]
+    texts = [["class0"], ["class1"]]  # class0 keeps a box; class1 was cropped out of the mosaic
+    labels = np.array([0])
+    rng = np.random.default_rng(0)
+    counts = np.zeros(40)
+    draws = 3000
+    for _ in range(draws):
+        v = sample_vocabulary(texts, labels, "detection", rng, negative_pool=pool, max_texts=5)
+        for t in v.texts:
+            counts[int(t[5:])] += 1
+    assert counts[0] == draws  # the positive is always there
+    expected = draws * 4 / 39  # 4 negatives out of 39 non-positive classes
+    others = counts[2:]
+    assert abs(others.mean() - expected) < 0.05 * expected
+    assert abs(counts[1] - expected) < 4 * expected ** 0.5  # ~±4 sigma; the old double count gave ~1.9x
