@@ -22,6 +22,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from yworld.datasets.formats import (
@@ -31,7 +32,7 @@ from yworld.datasets.manifest import Manifest, ShardInfo, write_manifest
 from yworld.datasets.storage import (
     TMP_SUFFIX, StorageOptions, filesystem, probe, read_bytes, storage_errors, write_bytes_atomic,
 )
-from yworld.model.errors import ConfigError, DataError, YWorldError
+from yworld.model.errors import ConfigError, DataError, StorageError, YWorldError
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,13 @@ class IngestSummary:
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
+
+    def headline(self) -> str:
+        """The summary in one line (a train job's prepare step logs this; `yworld ingest` prints lines())."""
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.rejects.counts.items()))
+        return (f"ingest {self.source} ({self.kind}) -> {self.out}: {self.records_written} records, "
+                f"{self.boxes_written} boxes, {self.shards} shards ({self.shards_skipped} already done), "
+                f"rejected {self.rejects.total}" + (f" ({reasons})" if reasons else "") + f", {self.seconds:.1f} s")
 
 
 # ------------------------------------------------------------------------------------------ driver side
@@ -318,7 +326,7 @@ def ingest(cfg: IngestConfig, storage: StorageOptions | None = None, progress: b
         records_written=manifest.stats["records_written"], boxes_written=manifest.stats["boxes_written"],
         shards=len(results), shards_skipped=sum(bool(r["skipped"]) for r in results), rejects=rejects,
         seconds=time.time() - t0)
-    log.info("%s", summary)
+    log.info("%s", summary.headline())
     return summary
 
 
@@ -411,13 +419,21 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("object storage (empty: AWS_* environment variables / credential chain)")
     g.add_argument("--endpoint-url", default="", help="S3 endpoint, e.g. http://127.0.0.1:8333 (SeaweedFS, MinIO)")
     g.add_argument("--key", default="", help="access key id (prefer AWS_ACCESS_KEY_ID)")
-    g.add_argument("--secret", default="", help="secret access key (prefer AWS_SECRET_ACCESS_KEY)")
+    g.add_argument("--aws-secret-file", default="", metavar="FILE",
+                   help="a file holding the secret access key (default: AWS_SECRET_ACCESS_KEY / the credential "
+                        "chain); the secret itself never goes on a command line, where `ps` shows it")
     g.add_argument("--region", default="", help="region (default us-east-1)")
     g.add_argument("--anon", action="store_true", help="anonymous access (public buckets)")
 
 
 def storage_from_args(args: argparse.Namespace) -> StorageOptions:
-    return StorageOptions(endpoint_url=args.endpoint_url, key=args.key, secret=args.secret, region=args.region,
+    secret = ""
+    if args.aws_secret_file:
+        try:
+            secret = Path(args.aws_secret_file).expanduser().read_text().strip()
+        except OSError as e:
+            raise StorageError(f"--aws-secret-file {args.aws_secret_file}: cannot read it ({e.strerror})") from None
+    return StorageOptions(endpoint_url=args.endpoint_url, key=args.key, secret=secret, region=args.region,
                           anon=args.anon)
 
 

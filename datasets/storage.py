@@ -169,7 +169,7 @@ def storage_error(exc: BaseException, url: str, options: StorageOptions | None =
     if isinstance(exc, PermissionError) or any(m in text for m in (
             "AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")):
         return StorageError(f"access denied to {where}: check the access key and secret "
-                            "(--key/--secret, storage.key/storage.secret, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+                            "(--key/--aws-secret-file, storage.key/storage.secret, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
     if bucket and any(m in text for m in ("NoSuchBucket", "bucket does not exist", "NO_SUCH_BUCKET")):
         return StorageError(f"bucket '{bucket}' does not exist at {where}: create it or fix the URL")
     return None

@@ -18,7 +18,10 @@ import threading
 import time
 from typing import Any
 
+import ray
 from ray.train import UserCallback
+from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from yworld.datasets import storage as storage_lib
 
@@ -50,8 +53,6 @@ class DriverMonitor:
 
     def __init__(self, run_url: str, storage: storage_lib.StorageOptions, total_steps: int, start_step: int = 0,
                  progress: bool = True, tensorboard: bool = True, sync_every_s: float = 60.0):
-        from ray.util.queue import Queue
-
         self.run_url = run_url
         self.storage = storage
         self.total_steps = total_steps
@@ -59,7 +60,9 @@ class DriverMonitor:
         self.progress = progress
         self.tensorboard = tensorboard
         self.sync_every_s = sync_every_s
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node, like Ray Train's controller: a preempted worker node never takes the queue along.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.callback = ForwardMetrics(self.queue)
         self.last: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
@@ -141,6 +144,14 @@ class DriverMonitor:
             shown = {k: record[k] for k in ("loss", "lr", "images_per_s") if k in record}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
             self._bar.refresh()
+        if "checkpoint" in record:  # one line per checkpoint, above the bar (or in the log without one)
+            folder = str(record["checkpoint"]).rstrip("/").rsplit("/", 1)[-1]
+            line = (f"checkpoint step {step}/{self.total_steps}, loss {record.get('loss', float('nan')):.4g}: "
+                    f"{storage_lib.join(self.run_url, folder)}")
+            if self._bar is not None:
+                self._bar.write(line)
+            else:
+                log.info(line)
 
     def _sync(self) -> None:
         """Upload the local TensorBoard folder to `{run}/tensorboard/` (object storage only)."""

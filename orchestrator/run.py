@@ -11,11 +11,15 @@ import argparse
 import logging
 import os
 
-# Ray Train V2 is the API this package codes against; set before anything imports ray.train.
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from yworld.orchestrator import console
+from yworld.orchestrator.submit import JOB_ENV, durable_path_problem, in_submitted_job, submitted_runtime_env
 
-from yworld.model.errors import YWorldError  # noqa: E402
+# Ray Train V2 is the API this package codes against, and our console settings: before anything imports ray.
+for _key, _value in JOB_ENV.items():
+    os.environ.setdefault(_key, _value)
+console.configure_ray_environment()
+
+from yworld.model.errors import ConfigError, YWorldError  # noqa: E402
 
 __all__ = ["add_arguments", "main", "run_job", "init_ray"]
 
@@ -36,15 +40,29 @@ def init_ray(address: str | None, min_cpus: float = 0) -> None:
 
     if ray.is_initialized():
         return
-    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    console.quiet_ray_loggers()
+    env_vars = {**JOB_ENV, **console.ENV}  # every process of the job: the driver's settings, for its workers
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        ray.init(address=address, runtime_env=_beside_submission({"env_vars": env_vars}), log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, local Ray
     num_cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
     # address="local": always a new private Ray, never a `ray start` cluster that happens to run on this host
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+    log.info("started a private local Ray (%d CPUs; no cluster address given)", num_cpus)
+
+
+def _beside_submission(runtime_env: dict) -> dict | None:
+    """What of `runtime_env` a Jobs API job's driver may add: Ray refuses to merge a driver's runtime env that
+    sets a field or an environment variable the submission already set, even to the same value."""
+    submitted = submitted_runtime_env()
+    env_vars = {k: v for k, v in runtime_env.get("env_vars", {}).items()
+                if k not in (submitted.get("env_vars") or {})}
+    out = {k: v for k, v in runtime_env.items() if k != "env_vars" and k not in submitted}
+    if env_vars:
+        out["env_vars"] = env_vars
+    return out or None
 
 
 def run_job(job, address: str | None = None) -> object:
@@ -57,8 +75,6 @@ def run_job(job, address: str | None = None) -> object:
         max_workers = scaling.num_workers if isinstance(scaling.num_workers, int) else scaling.num_workers[1]
         init_ray(address or job.address, min_cpus=max_workers * scaling.cpus_per_worker + 2)
         outcome = fit(job)
-        log.info("run %s: %d / %d steps; final model %s", outcome.run_url, outcome.steps, outcome.total_steps,
-                 outcome.final_model)
         if job.eval is not None:  # evaluate the final model; results join the run's eval table
             from yworld.orchestrator.eval.job import evaluate_run_model
 
@@ -94,6 +110,10 @@ def main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = load_spec(args.job, args.overrides)
+    if in_submitted_job():  # `ray job submit ... -- yworld run ...`: the same check as `yworld submit`
+        problem = durable_path_problem(job)
+        if problem:
+            raise ConfigError(f"{args.job}: {problem}")
     try:
         outcome = run_job(job, args.address)
     except YWorldError:

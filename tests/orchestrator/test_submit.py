@@ -80,6 +80,26 @@ def test_auth_token_comes_from_rays_own_places(monkeypatch, tmp_path):
         submit.auth_headers()
 
 
+def test_the_driver_adds_only_what_the_submission_did_not_set(monkeypatch):
+    """Ray refuses a driver's runtime env that repeats a field or an env var of the job's (seen live: `yworld
+    submit` set RAY_TRAIN_V2_ENABLED, the driver set it again, the job failed in seconds)."""
+    import json
+
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from yworld.orchestrator.run import _beside_submission
+
+    wanted = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+    for submitted in ({"working_dir": "/tmp/x", "env_vars": dict(submit.JOB_ENV)}, {"working_dir": "/tmp/x"},
+                      {"env_vars": {"HF_HUB_OFFLINE": "0"}}):
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": submitted}))
+        mine = _beside_submission(wanted)
+        merged = _merge_runtime_env(submitted, mine)  # Ray's own rule; None = "Failed to merge"
+        assert merged is not None, (submitted, mine)
+        assert {**wanted["env_vars"], **submitted.get("env_vars", {})} == merged["env_vars"]
+    assert _merge_runtime_env({"env_vars": dict(submit.JOB_ENV)}, wanted) is None  # what used to happen
+
+
 def test_credentials_in_urls_are_redacted_where_printed():
     from yworld.datasets.storage import StorageOptions, redact_url, storage_error
     from yworld.orchestrator.spec import dump_spec, load_spec
@@ -93,3 +113,20 @@ def test_credentials_in_urls_are_redacted_where_printed():
     err = storage_error(ConnectionRefusedError("Connection refused"), "s3://b/x", options)
     assert err is not None and "hunter2" not in str(err) and "***" in str(err)
     assert "hunter3" not in repr(options)
+
+
+def test_ingest_takes_the_secret_from_a_file_never_from_its_command_line(tmp_path):
+    import argparse as ap
+
+    from yworld.datasets.ingest import add_storage_arguments, storage_from_args
+    from yworld.model.errors import StorageError
+
+    parser = ap.ArgumentParser()
+    add_storage_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--secret", "S3CRET"])  # no such flag: ps would show the value
+    (tmp_path / "secret").write_text("S3CRET\n")
+    options = storage_from_args(parser.parse_args(["--key", "AKIA", "--aws-secret-file", str(tmp_path / "secret")]))
+    assert (options.key, options.secret) == ("AKIA", "S3CRET") and "S3CRET" not in repr(options)
+    with pytest.raises(StorageError, match=r"--aws-secret-file .*missing: cannot read it"):
+        storage_from_args(parser.parse_args(["--aws-secret-file", str(tmp_path / "missing")]))

@@ -1,0 +1,81 @@
+"""What a run prints, and what stays in Ray's log files.
+
+A yworld run prints what it is doing (ingest bars, one training bar with loss / lr / images/s, a line per
+checkpoint, the evaluation table), warnings that need the user's action, and errors. Ray's own chatter stays
+in Ray's log files (`{session}/logs/`: worker-*.err, ray-train-*.log, ray-data.log), out of the console:
+
+- Lines that Ray workers and actors print reach the driver's console through Ray's log forwarding
+  (`log_to_driver`) and its deduplicator. `RAY_DEDUP_LOGS_SKIP_REGEX`, a documented Ray setting, drops the
+  forwarded lines matching `CHATTER` before they are printed; they stay in the worker's own log file. An
+  exception in a worker is not chatter: its traceback still reaches the console (see tests/orchestrator/
+  cluster/test_console.py). `RAY_DEDUP_LOGS=0` turns Ray's deduplicator, and with it this filter, off:
+  the way to see everything Ray prints.
+- The console handlers of Ray's Python loggers on the driver (`ray`, `ray.data`) print WARNING and above; Ray Train's
+  controller and workers get the same level through `RunConfig(logging_config=...)` (trainer.py); Ray Data's
+  per-operator progress bars are replaced by our training bar (trainer.py `_quiet_ray_data`).
+- Hugging Face's per-load progress bars ("Loading weights") on every Train worker are off
+  (`HF_HUB_DISABLE_PROGRESS_BARS`, in the job's environment).
+
+`configure_ray_environment()` must run before `import ray` (Ray reads these variables when it is imported);
+run.py calls it at import, before anything else.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+__all__ = ["CHATTER", "ENV", "configure_ray_environment", "quiet_ray_loggers"]
+
+# Forwarded lines that are Ray's internal state, never something a user acts on. Each entry says where it
+# comes from; keep them specific (a pattern that could match a real failure does not belong here).
+CHATTER = (
+    # Ray Train V2's PlacementGroupCleaner polls the State API every second; without a dashboard (a private
+    # local Ray) every poll fails and says so.
+    r"Failed to query Ray Train Controller actor state",
+    # Ray Train V2 workers log every ray.train.report() at INFO, metrics and checkpoint in full.
+    r"Reporting training result \d+",
+    # Ray core warns once per actor that it keeps constructor arguments in the object store.
+    r"has constructor arguments in the object store and max_restarts",
+    # Ray Data's split coordinator, at every epoch: that its bars are off (we show ours), that it finished.
+    r"Progress bars disabled\. To enable, set `ray\.data",
+    r"Dataset \S+ execution finished in [\d.]+ seconds",
+    # Ray Train's DatasetManager passes an option Ray Data has deprecated (the warning and its source line).
+    r"`ExecutionOptions\.exclude_resources` is deprecated",
+    r"^\s*self\.exclude_resources = exclude_resources\s*$",
+)
+
+# Set for the driver (before `import ray`) and for every process of the job (its runtime env).
+ENV = {
+    "RAY_DEDUP_LOGS_SKIP_REGEX": "|".join(f"(?:{p})" for p in CHATTER),
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def configure_ray_environment() -> None:
+    """Our console defaults for Ray, unless the user set them (call before `import ray`)."""
+    for key, value in ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def quiet_ray_loggers(level: int = logging.WARNING) -> None:
+    """Ray's console handlers in this process print `level` and above, without CHATTER; its file handlers
+    (ray-data.log, ...) keep everything. Call after `import ray`, before `ray.init` (which logs "Started a
+    local Ray instance")."""
+    import ray.data  # noqa: F401 - Ray Data sets up its loggers (console + ray-data.log) when imported
+
+    for name in ("ray", "ray.data", "ray.train"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(max(handler.level, level))
+                if not any(isinstance(f, _ChatterFilter) for f in handler.filters):
+                    handler.addFilter(_ChatterFilter())
+
+
+class _ChatterFilter(logging.Filter):
+    """Drops the records of Ray's own loggers that match CHATTER (the driver-side twin of the skip regex)."""
+
+    pattern = re.compile(ENV["RAY_DEDUP_LOGS_SKIP_REGEX"])
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
