@@ -120,9 +120,10 @@ class YOLOWorldHead(nn.Module):
         """DFL expectation (softmax over the reg_max bins . arange) -> l,t,r,b in stride units -> xyxy pixels
         (float32)."""
         b, a, _ = box_dist.shape
-        dist = box_dist.float().view(b, a, 4, self.reg_max).softmax(-1) @ self.proj.float()
-        dist = dist * strides.view(1, -1, 1)
-        return torch.cat([anchors - dist[..., :2], anchors + dist[..., 2:]], -1)
+        with torch.autocast(box_dist.device.type, enabled=False):  # autocast would run the matmul in 16 bits
+            dist = box_dist.float().view(b, a, 4, self.reg_max).softmax(-1) @ self.proj.float()
+            dist = dist * strides.view(1, -1, 1)
+            return torch.cat([anchors - dist[..., :2], anchors + dist[..., 2:]], -1)
 
 
 def anchor_points(sizes: list[tuple[int, int]], strides: tuple[int, ...], device: torch.device,

@@ -85,6 +85,7 @@ class YOLOWorldLoss:
         batch_scale: BatchScale = "images_x_world",
         world_size: int | None = None,  # None: torch.distributed's world size when initialised, else 1
         assigner_kwargs: dict | None = None,
+        check_targets: bool = True,  # False when the caller validated them on the CPU (the training collate)
     ):
         if batch_scale not in ("none", "images", "images_x_world"):
             raise ConfigError(f"loss.batch_scale={batch_scale!r}: use one of none, images, images_x_world")
@@ -95,6 +96,7 @@ class YOLOWorldLoss:
         self.image_text_box_loss = image_text_box_loss
         self.batch_scale = batch_scale
         self.world_size = world_size
+        self.check_targets = check_targets
 
     def __repr__(self) -> str:
         return (
@@ -125,6 +127,7 @@ class YOLOWorldLoss:
         cls_logits = outputs.cls_logits.float()
         B, A, N = cls_logits.shape
         device = cls_logits.device
+        # No-ops when the caller already moved the targets (the training loop copies them once, non-blocking).
         gt_boxes = targets["gt_boxes"].to(device=device, dtype=torch.float32)
         gt_labels = targets["gt_labels"].to(device=device, dtype=torch.long)
         gt_mask = targets["gt_mask"].to(device=device, dtype=torch.bool)
@@ -140,7 +143,8 @@ class YOLOWorldLoss:
             if is_image_text is None
             else is_image_text.to(device=device, dtype=torch.bool)
         )
-        self._check_labels(gt_labels, gt_mask, N)
+        if self.check_targets:  # reads a flag back from the device: the training loop checks on the CPU instead
+            self._check_labels(gt_labels, gt_mask, N)
 
         # Assignment sees detached predictions; padding slots, when masked, cannot look like a class.
         assign_logits = cls_logits.detach()
@@ -163,18 +167,21 @@ class YOLOWorldLoss:
             bce = bce * text_mask[:, None, :]
         loss_cls = bce.sum() / normaliser
 
+        # Box and DFL terms over EVERY anchor, weighted by the positive's soft score (0 off the foreground):
+        # selecting the foreground first (`nonzero`, boolean indexing) would make the host wait for the
+        # device to learn how many there are. Background targets are the prediction itself, so every value
+        # stays finite and a 0 weight really gives 0 (a NaN x 0 would not).
         box_fg = assignment.fg_mask
         if not self.image_text_box_loss:
             box_fg = box_fg & ~is_image_text[:, None]
-        b, a = box_fg.nonzero(as_tuple=True)
-        weight = target_scores[b, a].sum(-1)  # the positive's soft score
-        stride = strides[a][:, None]
-        pos_boxes = pred_boxes[b, a] / stride
-        target_boxes = assignment.boxes[b, a] / stride
+        weight = target_scores.sum(-1) * box_fg  # [B, A]
+        stride = strides[None, :, None]
+        pos_boxes = pred_boxes / stride
+        target_boxes = torch.where(box_fg[..., None], assignment.boxes / stride, pos_boxes.detach())
         loss_box = ((1.0 - ciou_pairs(pos_boxes, target_boxes)) * weight).sum() / normaliser
 
-        target_ltrb = box_to_ltrb(anchors[a] / stride, target_boxes).clamp(0, self.reg_max - 1 - 0.01)
-        dfl = distribution_focal_loss(dist_logits[b, a], target_ltrb).mean(-1)  # ultralytics form
+        target_ltrb = box_to_ltrb(anchors / stride[0], target_boxes).clamp(0, self.reg_max - 1 - 0.01)
+        dfl = distribution_focal_loss(dist_logits, target_ltrb).mean(-1)  # ultralytics form, [B, A]
         loss_dfl = (dfl * weight).sum() / normaliser
 
         parts = {

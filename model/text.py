@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from yworld.model.errors import ConfigError, WeightsError
 from yworld.model.vocabulary import Vocabulary, pick_texts  # re-exported: the contract names yworld.model.text
 
-__all__ = ["TextEncoder", "Vocabulary", "pick_texts", "DEFAULT_CLIP", "resolve_model_id"]
+__all__ = ["TextEncoder", "EmbeddingCache", "Vocabulary", "pick_texts", "DEFAULT_CLIP", "resolve_model_id", "to_device"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class TextEncoder:
     kind: "clip" (CLIPTextModelWithProjection, normalised `text_embeds`), "sentence" (AutoModel + mean
     pooling over the attention mask, normalised) or "auto" (CLIP when the config's model_type is CLIP).
     device: None picks CUDA when available, else CPU.
-    cache_size: how many distinct strings keep their embedding between calls (LRU).
+    cache_size: how many distinct strings keep their embedding between calls (LRU, `EmbeddingCache`).
     """
 
     def __init__(
@@ -99,7 +99,6 @@ class TextEncoder:
             "cuda" if torch.cuda.is_available() else "cpu")
         self.cache_size = cache_size
         self.batch_size = batch_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection
 
@@ -124,13 +123,18 @@ class TextEncoder:
         else:
             self.dim = int(self.model.config.hidden_size)
             self.max_length = min(512, int(getattr(self.model.config, "max_position_embeddings", 512)))
+        self._cache = EmbeddingCache(cache_size, self.dim, self.device)
         log.info("text encoder %s (%s, %d-d) on %s", self.model_id, self.kind, self.dim, self.device)
 
     def to(self, device: str | torch.device) -> "TextEncoder":
         self.device = torch.device(device)
         self.model.to(self.device)
-        self._cache.clear()  # cached tensors live on the old device
+        self._cache = EmbeddingCache(self.cache_size, self.dim, self.device)  # the old rows live elsewhere
         return self
+
+    def cache_stats(self) -> dict[str, float]:
+        """The embedding cache's size and use (reported with the training metrics)."""
+        return self._cache.stats()
 
     @torch.no_grad()
     def _embed_uncached(self, texts: list[str]) -> torch.Tensor:
@@ -139,7 +143,8 @@ class TextEncoder:
             chunk = texts[start:start + self.batch_size]
             # padding=True pads to the longest text of the chunk (ref: yolo-world.md §2 "Model").
             tokens = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
-                                    return_tensors="pt").to(self.device)
+                                    return_tensors="pt")
+            tokens = {k: to_device(v, self.device) for k, v in tokens.items()}
             if self.kind == "clip":
                 embeds = self.model(input_ids=tokens["input_ids"],
                                     attention_mask=tokens["attention_mask"]).text_embeds
@@ -155,18 +160,17 @@ class TextEncoder:
         if isinstance(texts, str):
             raise ConfigError("TextEncoder.encode takes a list of strings, not one string")
         unique = list(dict.fromkeys(texts))
-        missing = [t for t in unique if t not in self._cache]
+        cached, missing = self._cache.split(unique)
+        parts = [self._cache.rows(cached)] if cached else []
         if missing:
-            for text, embed in zip(missing, self._embed_uncached(missing)):
-                self._cache[text] = embed
-        table = torch.stack([self._cache[t] for t in unique]) if unique else torch.empty(0, self.dim,
-                                                                                        device=self.device)
-        for text in unique:  # mark as recently used, then drop the least recently used over the limit
-            self._cache.move_to_end(text)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        index = {t: i for i, t in enumerate(unique)}
-        return table[[index[t] for t in texts]] if texts else table
+            new = self._embed_uncached(missing)
+            parts.append(new)
+            self._cache.put(missing, new)  # after reading `cached`: evicting one of them now is harmless
+        if not parts:
+            return torch.empty(0, self.dim, device=self.device)
+        table = torch.cat(parts) if len(parts) > 1 else parts[0]  # rows in `cached + missing` order
+        position = {t: i for i, t in enumerate(cached + missing)}
+        return table.index_select(0, to_device(torch.tensor([position[t] for t in texts]), self.device))
 
     def encode_batch(self, texts: list[list[str]]) -> torch.Tensor:
         """[B, N, D] for B samples of N texts each (the collate pads every sample to the same N).
@@ -183,3 +187,79 @@ class TextEncoder:
                               f"{sorted(lengths)}: pad every sample's vocabulary (the collate pads with '')")
         flat = [t for sample in texts for t in sample]
         return self.encode(flat).view(len(texts), lengths.pop(), self.dim)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: through pinned memory, non-blocking, on CUDA
+    (a copy from ordinary memory waits for everything queued on the device first)."""
+    if device.type != "cuda" or tensor.device == device:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class EmbeddingCache:
+    """Text -> embedding, least recently used evicted, in ONE table of at most `capacity` rows on the
+    encoder's device (memory <= capacity x dim x 4 bytes; 16384 x 512 CLIP rows = 32 MiB). The table owns
+    its rows: a new embedding is copied in, never kept as a view of the batch tensor it was computed in
+    (a view keeps that whole tensor alive, so memory would grow with every batch of new phrases)."""
+
+    _FIRST_ROWS = 256  # the table doubles up to `capacity` as it fills
+
+    def __init__(self, capacity: int, dim: int, device: torch.device):
+        if capacity < 0:
+            raise ConfigError(f"text encoder cache_size must be >= 0, got {capacity}")
+        self.capacity, self.dim, self.device = capacity, dim, torch.device(device)
+        self._table = torch.empty(0, dim, device=self.device)
+        self._rows: OrderedDict[str, int] = OrderedDict()  # text -> row of the table, oldest use first
+        self._free: list[int] = []  # rows of the table holding nothing
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self._free = list(range(len(self._table) - 1, -1, -1))
+
+    def split(self, unique: list[str]) -> tuple[list[str], list[str]]:
+        """(cached, missing) among distinct texts; the cached ones become the most recently used."""
+        cached = [t for t in unique if t in self._rows]
+        for text in cached:
+            self._rows.move_to_end(text)
+        self.hits += len(cached)
+        self.misses += len(unique) - len(cached)
+        return cached, [t for t in unique if t not in self._rows]
+
+    def rows(self, texts: list[str]) -> torch.Tensor:
+        """A copy of the cached rows of `texts` (all cached), [len(texts), dim]."""
+        index = torch.tensor([self._rows[t] for t in texts])
+        return self._table.index_select(0, to_device(index, self.device))
+
+    def put(self, texts: list[str], embeds: torch.Tensor) -> None:
+        """Copy new embeddings in, evicting the least recently used rows beyond `capacity`."""
+        if self.capacity == 0:
+            return
+        if len(texts) > self.capacity:  # more new texts than the cache holds: keep the last ones
+            texts, embeds = texts[-self.capacity:], embeds[-self.capacity:]
+        self._grow(len(self._rows) + len(texts))
+        slots = []
+        for text in texts:
+            slots.append(self._free.pop() if self._free else self._rows.popitem(last=False)[1])
+            self._rows[text] = slots[-1]
+        self._table.index_copy_(0, to_device(torch.tensor(slots), self.device), embeds.to(self._table.dtype))
+
+    def _grow(self, wanted: int) -> None:
+        """Enlarge the table towards `wanted` rows: doubling, at most `capacity` (rare: copies the table)."""
+        size = len(self._table)
+        if wanted <= size or size >= self.capacity:
+            return
+        new_size = min(self.capacity, max(self._FIRST_ROWS, 2 * size, wanted))
+        table = torch.empty(new_size, self.dim, device=self.device)
+        table[:size] = self._table
+        self._table = table
+        self._free.extend(range(new_size - 1, size - 1, -1))
+
+    def stats(self) -> dict[str, float]:
+        asked = self.hits + self.misses
+        return {"text_cache_rows": len(self._rows), "text_cache_mb": self._table.numel() * 4 / 2**20,
+                "text_cache_hit_rate": self.hits / asked if asked else 0.0}

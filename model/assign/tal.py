@@ -27,8 +27,13 @@ __all__ = ["TaskAlignedAssigner"]
 class TaskAlignedAssigner(ChunkedAssigner):
     """Callable: (cls_logits, pred_boxes, anchors, strides, gt_labels, gt_boxes, gt_mask) -> Assignment."""
 
-    def __init__(self, topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9):
+    def __init__(self, topk: int = 10, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9,
+                 dense: bool | None = None):
         self.topk, self.alpha, self.beta, self.eps = topk, alpha, beta, eps
+        # How the metric of step 2 is computed. Candidates only (`nonzero` over the inside-box pairs) is the
+        # fastest on a CPU; on an accelerator `nonzero` makes the host wait for the device every step, so
+        # there every pair is computed and masked (a few million CIoUs are nothing to a GPU). None: by device.
+        self.dense = dense
 
     def __repr__(self) -> str:
         return f"TaskAlignedAssigner(topk={self.topk}, alpha={self.alpha}, beta={self.beta})"
@@ -52,14 +57,21 @@ class TaskAlignedAssigner(ChunkedAssigner):
         # 1. candidates: strictly inside a real (non-padding) box.
         in_gt = boxes_inside(anchors, gt_boxes, self.eps) & gt_mask[..., None]  # [B, M, A]
 
-        # 2. metric, computed only for candidate pairs (a 200-GT image would otherwise need B*M*A CIoUs).
-        b, m, a = in_gt.nonzero(as_tuple=True)
-        score = cls_logits[b, a, labels[b, m]].float().sigmoid()
-        overlap_values = ciou_pairs(gt_boxes[b, m], pred_boxes[b, a]).clamp(min=0)
-        overlaps = torch.zeros(B, M, A, device=device)
-        align = torch.zeros(B, M, A, device=device)
-        overlaps[b, m, a] = overlap_values
-        align[b, m, a] = score.pow(self.alpha) * overlap_values.pow(self.beta)
+        # 2. metric t = s^alpha * u^beta on the candidate pairs, 0 elsewhere.
+        dense = self.dense if self.dense is not None else device.type != "cpu"
+        if dense:
+            score = cls_logits.float().gather(2, labels[:, None, :].expand(-1, A, -1)).transpose(1, 2).sigmoid()
+            overlaps = ciou_pairs(gt_boxes[:, :, None, :], pred_boxes[:, None, :, :]).clamp_(min=0)
+            overlaps = overlaps.where(in_gt, 0.0)  # [B, M, A]
+            align = score.pow_(self.alpha).mul_(overlaps.pow(self.beta))
+        else:  # only the candidate pairs (a 200-GT image would otherwise need B*M*A CIoUs on a CPU)
+            b, m, a = in_gt.nonzero(as_tuple=True)
+            score = cls_logits[b, a, labels[b, m]].float().sigmoid()
+            overlap_values = ciou_pairs(gt_boxes[b, m], pred_boxes[b, a]).clamp(min=0)
+            overlaps = torch.zeros(B, M, A, device=device)
+            align = torch.zeros(B, M, A, device=device)
+            overlaps[b, m, a] = overlap_values
+            align[b, m, a] = score.pow(self.alpha) * overlap_values.pow(self.beta)
 
         # 3. top-k per ground truth; anchors outside the box that top-k picks to fill up k are dropped.
         k = min(self.topk, A)

@@ -315,3 +315,34 @@ def test_degenerate_boxes_stay_finite(assigner):
         a = YOLOWorldLoss("tal").assigner(cls_logits.detach(), outputs.boxes.detach(), anchors, strides,
                                           targets["gt_labels"], targets["gt_boxes"], targets["gt_mask"])
         assert set(a.gt_index[a.fg_mask].tolist()) <= {3}
+
+
+def test_dfl_targets_beyond_the_last_bin_are_clamped():
+    """A box side 40 strides from its anchor cannot be represented (bins 0..15): its DFL target is clamped to
+    15 - 0.01, so the loss is finite and equals the DFL towards 14.99 on every side (weighted by the
+    anchor's soft score). Without the clamp the right bin (left + 1 = 16 or more) lies outside the
+    distribution."""
+    anchors, strides = torch.tensor([[4.0, 4.0]]), torch.tensor([8.0])
+    box_dist = torch.randn(1, 1, 4 * R, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    outputs = wrap(torch.zeros(1, 1, 2, requires_grad=True), box_dist, anchors, strides)
+    loss = YOLOWorldLoss(world_size=1, batch_scale="none")
+    targets = {"gt_boxes": torch.tensor([[[4.0 - 320, 4.0 - 320, 4.0 + 320, 4.0 + 320]]]),
+               "gt_labels": torch.tensor([[0]]), "gt_mask": torch.tensor([[True]])}
+    dfl = loss(outputs, targets)[1]["loss_dfl"] / loss.dfl_weight
+    soft = loss.assigner(outputs.cls_logits.detach(), outputs.boxes.detach(), anchors, strides, targets["gt_labels"],
+                         targets["gt_boxes"], targets["gt_mask"]).scores.sum()
+    expected = distribution_focal_loss(box_dist.detach().view(1, 1, 4, R), torch.full((1, 1, 4), R - 1 - 0.01))
+    assert torch.isfinite(dfl) and 0 < soft <= 1
+    assert dfl.item() == pytest.approx((expected.mean() * soft).item(), rel=1e-5)
+
+
+def test_loss_scale_at_world_size_one():
+    """A single worker: the mmyolo scale is images x 1, given explicitly or read from an uninitialised
+    torch.distributed (never 0, never the image count squared)."""
+    assert not torch.distributed.is_initialized()
+    cls_logits, box_dist, anchors, strides = make_outputs()
+    outputs, targets = wrap(cls_logits, box_dist, anchors, strides), make_targets()
+    base, _ = YOLOWorldLoss(batch_scale="none")(outputs, targets)
+    for world_size in (None, 1):
+        total, _ = YOLOWorldLoss(batch_scale="images_x_world", world_size=world_size)(outputs, targets)
+        assert total.item() == pytest.approx(2 * base.item(), rel=1e-6)  # B = 2 images

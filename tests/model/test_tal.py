@@ -140,3 +140,29 @@ def test_matches_ultralytics_reference_on_random_batches():
         assert torch.equal(ours.gt_index[ours.fg_mask], ref_idx[ref_fg])
         assert torch.allclose(ours.scores, ref_scores.float(), atol=1e-6)
         assert torch.allclose(ours.boxes[ours.fg_mask], ref_boxes[ref_fg])
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_winner_is_a_containing_gt_when_every_ciou_is_zero(dense):
+    """An anchor claimed by two boxes that contain it, whose predictions overlap neither (all CIoUs clamp to
+    0), goes to one of THOSE boxes: an argmax over all GTs' overlaps would give it to GT 0, which does not
+    contain it (the one-line bug this guards)."""
+    anchors, strides = grid4x4()
+    far = torch.tensor([[0.0, 24.0, 2.0, 26.0]]).repeat(16, 1)  # every prediction away from every box
+    gt_boxes = torch.tensor([[[24.0, 24.0, 32.0, 32.0], [8.0, 8.0, 24.0, 24.0], [0.0, 8.0, 16.0, 32.0]]])
+    # anchor 9 (12, 20) is strictly inside GT1 and GT2, not GT0
+    out = TaskAlignedAssigner(topk=16, dense=dense)(torch.zeros(1, 16, 3), far[None], anchors, strides,
+                                                    torch.tensor([[0, 1, 2]]), gt_boxes, torch.ones(1, 3, dtype=bool))
+    assert out.fg_mask[0, 9]
+    assert out.gt_index[0, 9].item() in (1, 2) and out.labels[0, 9].item() == out.gt_index[0, 9].item()
+    assert out.boxes[0, 9].tolist() == gt_boxes[0, out.gt_index[0, 9]].tolist()
+
+
+def test_dense_metric_equals_the_candidate_pairs_path():
+    """The accelerator path (every pair, masked) and the CPU path (candidate pairs only) assign the same."""
+    for seed in range(3):
+        batch = _random_batch(seed=seed)
+        sparse = TaskAlignedAssigner(dense=False)(*batch)
+        dense = TaskAlignedAssigner(dense=True)(*batch)
+        assert torch.equal(sparse.fg_mask, dense.fg_mask) and torch.equal(sparse.gt_index, dense.gt_index)
+        torch.testing.assert_close(sparse.scores, dense.scores, rtol=1e-5, atol=1e-7)
