@@ -3,9 +3,11 @@
 ScalingConfig: `scaling.num_workers` (an int, or [min, max] for an elastic run that grows with the cluster),
 GPUs, CPUs per worker. RunConfig: the run folder `{storage_path}/{name}` on local disk or object storage,
 `FailureConfig(max_failures)` (a dead worker restarts the group from the latest checkpoint),
-`CheckpointConfig(num_to_keep)`. Datasets: the Ray Data stream (yworld.datasets.stream). Resuming is automatic:
-Ray Train V2 finds the run's checkpoint registry at the same storage_path/name when the job is submitted
-again, and the loop picks up from the latest checkpoint (train_loop.py).
+`CheckpointConfig(num_to_keep)`. Datasets: the Ray Data stream (yworld.datasets.stream) and its DataConfig
+(a seeded stream is delivered in a fixed order and the workers announce each epoch to it, so a resumed run
+reads the same samples per step as an uninterrupted one). Resuming is automatic: Ray Train V2 finds the
+run's checkpoint registry at the same storage_path/name when the job is submitted again, and the loop picks
+up from the latest checkpoint (train_loop.py).
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ def build_trainer(job: TrainJob, datasets: dict, plan: dict, callbacks: list | N
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from yworld.datasets.stream import stream_data_config
     from yworld.orchestrator.train_loop import train_loop_per_worker
 
     storage = job.storage.resolved()
@@ -88,6 +91,8 @@ def build_trainer(job: TrainJob, datasets: dict, plan: dict, callbacks: list | N
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own bar and metrics instead
         ),
         datasets=datasets,
+        # deterministic order for a seeded stream: a resumed run reads what the uninterrupted one would have
+        dataset_config=stream_data_config(job.data),
     )
 
 
