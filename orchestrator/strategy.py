@@ -1,28 +1,43 @@
 """How a worker wraps, steps and saves the model: DDP or DeepSpeed. The ONLY place the two differ.
 
-The per-worker loop (train_loop.py) calls the same six things whatever the YAML's `strategy.kind`:
+The per-worker step (train_step.py) calls the same six things whatever the YAML's `strategy.kind`:
 
-    strategy = make_strategy(cfg, model, optimizer, accumulation, grad_clip)
+    strategy = make_strategy(cfg, model, optimizer, accumulation, grad_clip, device)
     with strategy.micro_step(last):            # no gradient all-reduce before the last micro-batch
         with strategy.autocast():
-            loss = ...(strategy.model(images.to(strategy.input_dtype), ...))
+            loss = ...(strategy.model(images, ...))
         strategy.backward(loss)
-    schedule.set_step(step); strategy.step()   # lr on strategy.optimizer's groups; clip, step, zero grads
+    schedule.set_step(step); norm = strategy.step()   # clip, step, zero grads; norm stays on the device
     strategy.save(dir) / strategy.load(dir)    # every rank calls both
 
-Precision: `fp32`; `fp16` (AMP: autocast + dynamic loss scaling, what the official recipe trains with,
-ref: yolo-world.md §3 "Hardware": `--amp`); `bf16` (autocast bf16 on DDP; DeepSpeed's bf16 mode with fp32
-master weights). DeepSpeed uses ZeRO stage 1 or 2 (optimizer states, + gradients, partitioned across ranks).
+Precision: `fp32`; `fp16` (autocast + dynamic loss scaling, what the official recipe trains with, `--amp`
+in the official README's training command); `bf16` (autocast bf16). Both kinds use torch's autocast with
+fp32 weights, so BatchNorm keeps fp32 weights and running statistics: DeepSpeed through its
+`torch_autocast` config section. DeepSpeed's own `bf16` / `fp16` modes cast the parameters to 16 bits but
+not the buffers, and every BatchNorm then fails with "expected scalar type BFloat16 but found Float".
+DeepSpeed uses ZeRO stage 1 or 2 (optimizer states, + gradients, partitioned across ranks); with
+torch_autocast it reduces the gradients of convolutions and linear layers in the autocast dtype.
 
 Gradient accumulation keeps the recipe's global batch whatever the worker count (`plan_accumulation`).
 Gradients are SUMMED over the micro-batches (DeepSpeed: `scale_wrt_gas=False`), because the loss is already
 scaled by the per-rank image count x world size like mmyolo's (yworld.model.loss `batch_scale`): the summed
 gradient is then global_batch x the mean per-image gradient whatever the split into workers x micro-batches,
 so the grad-clip threshold of 10 means what it meant at 32 x 16.
+
+No host-device synchronisation in a step (docs/architecture.md "Training"): `step()` returns the gradient
+norm as a device tensor. What still synchronises is inside the libraries: fp16's GradScaler reads its
+overflow flag every step, and DeepSpeed's ZeRO optimizer checks the norm for inf/NaN every step.
+
+Elastic runs (`scaling.num_workers: [min, max]`) need DDP: ZeRO optimizer shards load only at the data-
+parallel size that saved them (DeepSpeed refuses another size unless the checkpoint is first converted to
+its "universal" format offline), so the spec refuses elastic + deepspeed when it loads, and `load` refuses a
+checkpoint written by another worker count in one line.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import logging
 import math
 import os
@@ -32,6 +47,7 @@ from typing import Iterator, Literal
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from yworld.model.errors import ConfigError, WeightsError
 
@@ -41,6 +57,7 @@ __all__ = ["StrategyConfig", "Accumulation", "plan_accumulation", "make_strategy
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DS_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}  # DeepSpeed's torch_autocast.dtype names
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,12 @@ class StrategyConfig:
     zero_stage: Literal[1, 2] = 2  # DeepSpeed only
     # DDP buckets gradients and overlaps the all-reduce with backward; 25 MB is PyTorch's default.
     bucket_mb: int = 25
+    # NHWC activations and conv weights (faster convolutions on tensor cores; measured in bench/train_step.py)
+    channels_last: bool = False
+
+    def __post_init__(self):
+        if self.bucket_mb < 1:
+            raise ConfigError(f"bucket_mb: {self.bucket_mb} must be >= 1 (MB of gradients per DDP all-reduce)")
 
 
 @dataclass(frozen=True)
@@ -90,41 +113,46 @@ class _Strategy:
     model: nn.Module  # what the loop calls: the DDP module or the DeepSpeed engine
     module: nn.Module  # the plain model inside (for EMA, export)
     optimizer: torch.optim.Optimizer
-    input_dtype: torch.dtype = torch.float32
 
-    def __init__(self, cfg: StrategyConfig, accumulation: Accumulation, grad_clip: float):
+    def __init__(self, cfg: StrategyConfig, accumulation: Accumulation, grad_clip: float, device: torch.device):
         self.cfg = cfg
         self.accumulation = accumulation
         self.grad_clip = grad_clip
-        self.device = _device()
+        self.device = torch.device(device)
+        # what images are converted to before the forward (channels-last must match the weights' layout)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _ddp_kwargs(cfg: StrategyConfig) -> dict:
     """BatchNorm statistics stay per rank between steps, as mmengine's DDP wrapper has them
     (broadcast_buffers=False); newer torch spells that forward_sync_buffers=False."""
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
     known = inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in known else {"broadcast_buffers": False}
     return {"bucket_cap_mb": cfg.bucket_mb, **no_sync}
 
 
 class DDPStrategy(_Strategy):
-    def __init__(self, cfg, model, optimizer, accumulation, grad_clip):
-        super().__init__(cfg, accumulation, grad_clip)
-        import ray.train.torch
-
+    def __init__(self, cfg, model, optimizer, accumulation, grad_clip, device):
+        super().__init__(cfg, accumulation, grad_clip, device)
+        # Parameters move in place (`Module.to` keeps their identity), so the optimizer built over them stays
+        # valid. torch.distributed is set up by Ray Train (nccl on GPU, gloo on CPU); one worker needs no DDP.
+        model.to(self.device, memory_format=self.memory_format)
         self.module = model
-        # prepare_model moves the model to the worker's device (parameters move in place, so the optimizer
-        # built over them stays valid) and wraps it in DDP (a plain module for one worker).
-        self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=_ddp_kwargs(cfg))
+        if _world_size() > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(model, device_ids=ids, **_ddp_kwargs(cfg))
+        else:
+            self.model = model
         self.optimizer = optimizer
         self.amp_dtype = _DTYPES[cfg.precision] if cfg.precision != "fp32" else None
         # Dynamic loss scaling is only needed (and only enabled) for fp16.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -140,15 +168,14 @@ class DDPStrategy(_Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self) -> float:
-        """Clip (on unscaled gradients), step, zero. Returns the gradient norm before clipping."""
+    def step(self) -> torch.Tensor:
+        """Clip (on unscaled gradients), step, zero. Returns the gradient norm before clipping, on the device."""
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def save(self, directory: str, rank: int) -> None:
         if rank == 0:
@@ -164,31 +191,34 @@ class DDPStrategy(_Strategy):
 class DeepSpeedStrategy(_Strategy):
     _TAG = "state"  # one tag per checkpoint folder: every checkpoint is its own folder
 
-    def __init__(self, cfg, model, optimizer, accumulation, grad_clip):
-        super().__init__(cfg, accumulation, grad_clip)
+    def __init__(self, cfg, model, optimizer, accumulation, grad_clip, device):
+        super().__init__(cfg, accumulation, grad_clip, device)
         import deepspeed
 
+        zero = {"stage": cfg.zero_stage, "contiguous_gradients": True}
+        if cfg.zero_stage == 2 and self.device.type == "cuda":
+            # reduce-scatter each gradient bucket on a side stream while backward goes on (needs CUDA streams)
+            zero["overlap_comm"] = True
         ds_config = {
             "train_batch_size": accumulation.global_batch,
             "train_micro_batch_size_per_gpu": accumulation.micro_batch,
             "gradient_accumulation_steps": accumulation.steps,
             "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0},  # 0 = dynamic loss scaling
-            "bf16": {"enabled": cfg.precision == "bf16"},
+            "zero_optimization": zero,
+            # torch autocast with fp32 weights (BatchNorm-safe, see the module doc); fp16 gets a GradScaler
+            "torch_autocast": {"enabled": cfg.precision != "fp32", "dtype": _DS_DTYPES.get(cfg.precision, "bfloat16")},
             "steps_per_print": 10**9,  # we report metrics ourselves
             "wall_clock_breakdown": False,
         }
-        model = model.to(self.device)
+        model = model.to(self.device, memory_format=self.memory_format)
         # Ray Train has already set up torch.distributed (nccl on GPU, gloo on CPU); DeepSpeed joins it.
         with _broadcast_handles_zero_dim_params():
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                     config=ds_config)
         self.module = self.model.module
-        self.input_dtype = _DTYPES[cfg.precision]
 
     def autocast(self):
-        return contextlib.nullcontext()  # DeepSpeed casts the model itself (fp16/bf16 modes)
+        return contextlib.nullcontext()  # the engine's forward enters torch.autocast itself (torch_autocast)
 
     @contextlib.contextmanager
     def micro_step(self, last: bool) -> Iterator[None]:
@@ -200,15 +230,23 @@ class DeepSpeedStrategy(_Strategy):
         if not self.model.is_gradient_accumulation_boundary():
             self.model.step()  # a no-op for the optimizer off the boundary; keeps DeepSpeed's counters right
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         self.model.step()  # clips, steps the optimizer (skipped on fp16 overflow), zeroes gradients
-        norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = self.model.get_global_grad_norm()  # a device tensor (a float after an fp16 overflow)
+        if not torch.is_tensor(norm):
+            norm = torch.tensor(float("nan") if norm is None else norm, device=self.device)
+        return norm
 
     def save(self, directory: str, rank: int) -> None:
         self.model.save_checkpoint(os.path.join(directory, "deepspeed"), tag=self._TAG, save_latest=False)
 
     def load(self, directory: str) -> None:
+        saved = _saved_world_size(directory)
+        if saved is not None and saved != _world_size():
+            raise ConfigError(
+                f"{directory}: its DeepSpeed ZeRO state was saved by {saved} workers and this run has "
+                f"{_world_size()}: ZeRO shards load only at the data-parallel size that wrote them; resume with "
+                f"scaling.num_workers: {saved}, or start a new run name")
         with _deepspeed_loads_weights_only(self.model, directory):
             path, _ = self.model.load_checkpoint(os.path.join(directory, "deepspeed"), tag=self._TAG,
                                                  load_lr_scheduler_states=False)
@@ -217,12 +255,22 @@ class DeepSpeedStrategy(_Strategy):
                               f"resume with the same strategy.kind, or start a new run name)")
 
 
+def _saved_world_size(directory: str) -> int | None:
+    try:
+        with open(os.path.join(directory, "meta.json")) as f:
+            return int(json.load(f)["world_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 def make_strategy(cfg: StrategyConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                  accumulation: Accumulation, grad_clip: float) -> DDPStrategy | DeepSpeedStrategy:
-    """Wrap `model` and its `optimizer` (built over the model's parameter groups) for this worker."""
+                  accumulation: Accumulation, grad_clip: float,
+                  device: torch.device | str = "cpu") -> DDPStrategy | DeepSpeedStrategy:
+    """Wrap `model` and its `optimizer` (built over the model's parameter groups) for this worker's `device`
+    (inside Ray Train: `ray.train.torch.get_device()`)."""
     if cfg.kind == "deepspeed":
-        return DeepSpeedStrategy(cfg, model, optimizer, accumulation, grad_clip)
-    return DDPStrategy(cfg, model, optimizer, accumulation, grad_clip)
+        return DeepSpeedStrategy(cfg, model, optimizer, accumulation, grad_clip, device)
+    return DDPStrategy(cfg, model, optimizer, accumulation, grad_clip, device)
 
 
 @contextlib.contextmanager
@@ -272,9 +320,3 @@ def _broadcast_handles_zero_dim_params() -> Iterator[None]:
         yield
     finally:
         DeepSpeedEngine._broadcast_model = original
-
-
-def _device() -> torch.device:
-    import ray.train.torch
-
-    return ray.train.torch.get_device()

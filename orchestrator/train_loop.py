@@ -1,20 +1,24 @@
 """The per-worker training loop: one plain function that reads top to bottom.
 
 build model (+ resume) -> strategy (DDP | DeepSpeed) -> stream -> per optimizer step: micro-batches (text
-embeddings from the frozen encoder, cached), loss, backward, step, EMA -> report metrics / checkpoint.
+embeddings from the frozen encoder, cached), loss, backward, step, EMA (train_step.py) -> report metrics /
+checkpoint.
 
 Counting. `step` is the number of optimizer steps done; the run does exactly `plan["total_steps"]` of them.
 A checkpoint stores `(step, epoch, step_in_epoch)` and on resume (worker failure, resubmission, elastic
 resize) the loop continues at `step + 1` and skips `step_in_epoch x accumulation` micro-batches of that
-epoch's stream, so no optimizer step is lost or counted twice.
+epoch's stream, so no optimizer step is lost or counted twice; the stream itself is deterministic given
+(seed, epoch, workers, micro-batch) (datasets/stream.py), so the resumed run trains on the same samples
+the uninterrupted one would have.
+
+Nothing is read back from the device between reports (train_step.py): on CUDA the host runs ahead and
+prepares the next batch while the device computes.
 """
 from __future__ import annotations
 
 import logging
-import resource
 import shutil
 import tempfile
-import time
 from typing import Iterator
 
 import torch
@@ -32,6 +36,7 @@ from yworld.model.weights import load_weights
 from yworld.orchestrator.checkpoint import Progress, read_train_state, report_checkpoint, resume_directory, \
     write_checkpoint, export_final
 from yworld.orchestrator.strategy import make_strategy, plan_accumulation
+from yworld.orchestrator.train_step import TrainStep, memory_gb
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     steps_per_epoch, total_steps = plan["steps_per_epoch"], plan["total_steps"]
     torch.manual_seed(job.train.seed)  # same initial weights on every rank (DDP/DeepSpeed also broadcast rank 0's)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once (as mmyolo)
 
     # ---- model: the frozen text encoder, the detector, its EMA; then the latest checkpoint, if any
     text_encoder = TextEncoder(job.model.text_encoder, device=device)
@@ -68,7 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer = build_optimizer(model, name=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
                                     momentum=o.momentum, nesterov=o.nesterov, norm_decay_mult=o.norm_decay_mult,
                                     bias_decay_mult=o.bias_decay_mult, warmup_bias_params=o.warmup_bias_params)
-        strategy = make_strategy(job.strategy, model, optimizer, accumulation, job.optim.grad_clip)
+        strategy = make_strategy(job.strategy, model, optimizer, accumulation, job.optim.grad_clip, device)
         if resume is not None:
             strategy.load(resume)
     if ema is not None:
@@ -79,7 +86,8 @@ def train_loop_per_worker(config: dict) -> None:
         warmup_bias_lr=job.optim.warmup_bias_lr, warmup_momentum=job.optim.warmup_momentum)
     loss_fn = YOLOWorldLoss(job.loss.assigner, cls_weight=job.loss.cls_weight, box_weight=job.loss.box_weight,
                             dfl_weight=job.loss.dfl_weight, mask_padding=job.loss.mask_padding,
-                            image_text_box_loss=job.loss.image_text_box_loss, batch_scale="images_x_world")
+                            image_text_box_loss=job.loss.image_text_box_loss, batch_scale="images_x_world",
+                            check_targets=False)  # the collate checked them on the CPU
     meta = {"run": job.name, "model": job.model.name, "text_encoder": job.model.text_encoder,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "epochs": job.train.epochs,
             "world_size": world, "global_batch": accumulation.global_batch,
@@ -87,39 +95,23 @@ def train_loop_per_worker(config: dict) -> None:
             "strategy": job.strategy.kind, "precision": job.strategy.precision}
 
     # ---- the stream and the steps
-    step, window = progress.step, _Window()
+    step = progress.step
     resumed_from = progress.step  # reported with every metric: a change shows a restart and where it began
+    run_step = TrainStep(strategy=strategy, loss_fn=loss_fn, text_encoder=text_encoder, ema=ema,
+                         schedule=schedule, device=device)
+    window = run_step.window
     strategy.model.train()
     for epoch in range(progress.epoch, job.train.epochs):
         if step >= total_steps:
             break
         first = progress.step_in_epoch if epoch == progress.epoch else 0
         batches = _epoch_batches(job.data, epoch, job.train.epochs, accumulation.micro_batch,
-                                 skip=first * accumulation.steps)
+                                 skip=first * accumulation.steps, pin_memory=device.type == "cuda")
         for step_in_epoch in range(first, steps_per_epoch):
             if step >= total_steps:
                 break
-            t_step = time.perf_counter()
-            for micro in range(accumulation.steps):
-                t_wait = time.perf_counter()
-                batch = next(batches)
-                window.data_wait += time.perf_counter() - t_wait
-                images = batch["images"].to(device, non_blocking=True).float().div_(255)
-                text_embeds = text_encoder.encode_batch(batch["texts"])
-                targets = {k: batch[k] for k in ("gt_boxes", "gt_labels", "gt_mask", "text_mask", "is_image_text")}
-                with strategy.micro_step(last=micro == accumulation.steps - 1):
-                    with strategy.autocast():
-                        outputs = strategy.model(images.to(strategy.input_dtype),
-                                                 text_embeds.to(strategy.input_dtype))
-                    loss, parts = loss_fn(outputs, targets)
-                    strategy.backward(loss)
-                window.add(parts, images.shape[0])
-            schedule.set_step(step)
-            window.grad_norm = strategy.step()
-            if ema is not None:
-                ema.update(strategy.module)
+            run_step(window.take(batches, accumulation.steps), step)
             step += 1
-            window.seconds += time.perf_counter() - t_step
 
             # ---- report / checkpoint (every rank takes part: ray.train.report is collective)
             end_of_epoch = step_in_epoch + 1 == steps_per_epoch
@@ -128,10 +120,13 @@ def train_loop_per_worker(config: dict) -> None:
             save = (step == total_steps or (every.every_steps and step % every.every_steps == 0)
                     or (end_of_epoch and every.every_epochs and (epoch + 1) % every.every_epochs == 0))
             if save or step % job.metrics.every_steps == 0:
-                metrics = {**window.flush(step, epoch, schedule, world, accumulation, device),
-                           "resumed_from_step": resumed_from}
+                metrics = {"step": step, "epoch": epoch, **window.read(world), **_schedule_metrics(schedule),
+                           "world_size": world, "global_batch": accumulation.global_batch,
+                           "accumulation_steps": accumulation.steps, "memory_gb": memory_gb(device),
+                           **text_encoder.cache_stats(), "resumed_from_step": resumed_from}
                 if not save:
                     ray.train.report(metrics)
+                    window.restart_clock()
                     continue
                 directory = tempfile.mkdtemp(prefix=f"yworld-ckpt-r{rank}-")
                 try:
@@ -140,19 +135,20 @@ def train_loop_per_worker(config: dict) -> None:
                     report_checkpoint(metrics, directory, step)
                 finally:
                     shutil.rmtree(directory, ignore_errors=True)
+                window.restart_clock()
 
     # ---- the model for evaluation and pseudo-labelling, at a stable path
     if rank == 0:
         export_final(strategy.module, ema, {**meta, **_asdict(progress)})
 
 
-def _epoch_batches(cfg, epoch: int, epochs: int, micro_batch: int, skip: int) -> Iterator[dict]:
+def _epoch_batches(cfg, epoch: int, epochs: int, micro_batch: int, skip: int, pin_memory: bool) -> Iterator[dict]:
     """This worker's micro-batches of `epoch`, starting over if the stream ends before the planned steps
     (images that fail to decode shorten an epoch; every worker gets an equal share, so all start over
     together). The loop takes exactly steps_per_epoch x accumulation of them."""
     while True:
         count = 0
-        for batch in iter_epoch(cfg, epoch, epochs, micro_batch, skip_batches=skip):
+        for batch in iter_epoch(cfg, epoch, epochs, micro_batch, skip_batches=skip, pin_memory=pin_memory):
             count += 1
             yield batch
         if count == 0:
@@ -163,41 +159,9 @@ def _epoch_batches(cfg, epoch: int, epochs: int, micro_batch: int, skip: int) ->
         skip = 0
 
 
-class _Window:
-    """Metrics accumulated over the steps between two reports (this rank's view)."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.images = self.micro = 0
-        self.seconds = self.data_wait = 0.0
-        self.grad_norm = float("nan")
-        self.started = time.perf_counter()
-
-    def add(self, parts: dict[str, torch.Tensor], images: int) -> None:
-        for key, value in parts.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-        self.images += images
-        self.micro += 1
-
-    def flush(self, step, epoch, schedule, world, accumulation, device) -> dict:
-        n = max(self.micro, 1)
-        parts = {k: v / n for k, v in self.sums.items()}
-        lrs = schedule.lrs()
-        out = {"step": step, "epoch": epoch, "loss": sum(parts.values()), **parts,
-               "lr": lrs.get("decay", next(iter(lrs.values()))), "lr_bias": schedule.bias_lr(),
-               "grad_norm": self.grad_norm, "world_size": world, "global_batch": accumulation.global_batch,
-               "accumulation_steps": accumulation.steps,
-               "images_per_s": self.images * world / max(self.seconds, 1e-9),
-               "data_wait_frac": self.data_wait / max(time.perf_counter() - self.started, 1e-9),
-               "memory_gb": _memory_gb(device)}
-        self.__init__()
-        return out
-
-
-def _memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+def _schedule_metrics(schedule) -> dict[str, float]:
+    lrs = schedule.lrs()
+    return {"lr": lrs.get("decay", next(iter(lrs.values()))), "lr_bias": schedule.bias_lr()}
 
 
 def _asdict(progress: Progress) -> dict:

@@ -186,6 +186,12 @@ class TrainJob:
     def __post_init__(self):
         if not self.name or "/" in self.name:
             raise ValueError(f"name: {self.name!r} must be a non-empty folder name (no '/')")
+        workers = self.scaling.num_workers
+        if self.strategy.kind == "deepspeed" and not isinstance(workers, int) and workers[0] != workers[1]:
+            # ZeRO optimizer shards load only at the data-parallel size that wrote them (strategy.py)
+            raise ValueError(f"scaling.num_workers: an elastic run ({list(workers)}) needs strategy.kind: ddp; "
+                             f"DeepSpeed resumes only at the worker count that saved its checkpoint, so give it "
+                             f"a fixed num_workers")
 
 
 @dataclass(frozen=True)
