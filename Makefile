@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup smoke test test-fast bench clean
+.PHONY: setup smoke self-train test test-fast bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -10,6 +10,11 @@ setup:
 # The main job on the embedded default: synthetic data, tiny model, local Ray, local storage.
 smoke: setup
 	$(VENV)/bin/yworld run jobs/smoke.yaml
+
+# The self-training loop: smoke (pretrain, evaluate, pseudo-label the captions split; a finished run is only
+# re-evaluated), then train again with the pseudo labels added and evaluate.
+self-train: smoke
+	$(VENV)/bin/yworld run jobs/self_train_smoke.yaml
 
 # The whole test suite (what CI runs).
 test: setup

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from yworld.datasets import storage as storage_lib
@@ -119,6 +119,9 @@ def fit(job: TrainJob) -> TrainOutcome:
     from yworld.orchestrator.prepare import prepare_data
 
     storage = job.storage.resolved()
+    if job.model.init_weights and storage_lib.is_local(job.model.init_weights):  # workers run in other folders
+        model = replace(job.model, init_weights=storage_lib.local_path(job.model.init_weights))
+        job = replace(job, model=model)
     prepare_data(job.prepare.synthetic, job.prepare.ingest, storage, progress=job.metrics.progress)
     url = run_url(job)
     plan = plan_steps(job, samples_per_epoch(job.data, storage))

@@ -196,8 +196,10 @@ def _dataset(rows: list[dict], spec: PseudoLabelSpec, weights: str, text_encoder
     import ray
 
     lab, res = spec.labeller, spec.rescore
-    blocks = max(1, min(len(rows), 4 * lab.num_actors * max(1, len(rows) // max(1, 8 * lab.batch_size))))
-    ds = ray.data.from_items(rows, override_num_blocks=min(blocks, max(1, len(rows) // lab.batch_size)))
+    # Blocks of at most 256 rows (a letterboxed 640 px block is then ~300 MB), at least one labeller batch,
+    # and at least 4 per actor so every actor is busy and finished shards reach the driver steadily.
+    per_block = max(lab.batch_size, min(256, -(-len(rows) // (4 * lab.num_actors))))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_block)))
     ds = ds.map_batches(add_phrases, batch_size=spec.phrases.batch_size, batch_format="numpy",
                         fn_kwargs=dict(spec=spec.phrases, class_texts=class_texts))
     ds = ds.map_batches(load_images, batch_size=lab.batch_size, batch_format="numpy",
@@ -323,7 +325,8 @@ def label(spec: PseudoLabelSpec, storage: StorageOptions | None = None, *, weigh
     labels_url = join(output, "labels")
     log.info("pseudo-labelling %d image-text pairs with %s (%s scorer) -> %s", len(pairs), weights,
              spec.rescore.scorer, output)
-    skipped, labelled, seconds = _label_shards(spec, pairs, plan, weights, text_encoder, class_texts, labels_url, storage)
+    skipped, labelled, seconds = _label_shards(spec, pairs, plan, weights, text_encoder, class_texts, labels_url,
+                                               storage)
 
     n_parts = -(-len(pairs) // spec.shard_size)
     fs, root = filesystem(labels_url, storage)
@@ -340,7 +343,7 @@ def label(spec: PseudoLabelSpec, storage: StorageOptions | None = None, *, weigh
 
     stats = Statistics.from_parts(parts, rejects, spec.rescore.scorer, len(pairs)).to_dict()
     stats.update(shards=n_parts, shards_skipped=skipped, labelling_seconds=round(seconds, 2),
-                 images_labelled=labelled, images_per_s=round(labelled / seconds, 2) if seconds else None,
+                 images_processed=labelled, images_per_s=round(labelled / seconds, 2) if seconds else None,
                  seconds=round(time.time() - t0, 2), labeller=weights, text_encoder=text_encoder)
     rows = None
     if spec.truth is not None and spec.truth.annotations:

@@ -74,7 +74,8 @@ class Statistics:
             status[reason] += n
         per = np.asarray(per_image or [0])
         return cls(
-            scorer=scorer, images_in=pairs + sum(rejects.counts.values()), images_by_status=dict(sorted(status.items())),
+            scorer=scorer, images_in=pairs + sum(rejects.counts.values()),
+            images_by_status=dict(sorted(status.items())),
             images_labelled=labelled, images_kept=len(per_image), images_dropped=dict(sorted(dropped.items())),
             boxes_candidates=candidates, boxes_kept=int(sum(per_image)),
             boxes_per_image={"mean": round(float(per.mean()), 3), "median": float(np.median(per)),
@@ -181,8 +182,9 @@ def plot_examples(merged: dict, images_url: str, count: int, storage: StorageOpt
             continue
         anns = by_image.get(img["id"], [])
         names = [a["tokens"] for a in anns]
-        det = Detections(torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4),
-                         torch.tensor([a["score"] for a in anns]), torch.arange(len(anns)))
+        xyxy = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
+        det = Detections(torch.tensor(xyxy).reshape(-1, 4), torch.tensor([a["score"] for a in anns]),
+                         torch.arange(len(anns)))
         tile = cv2.resize(draw_detections(rgb, det, names), (320, int(320 * rgb.shape[0] / rgb.shape[1])))
         tiles.append((tile, f"{img['file_name']}  s={img['score']:.2f}"))
     if not tiles:
@@ -200,7 +202,10 @@ def plot_examples(merged: dict, images_url: str, count: int, storage: StorageOpt
 
 
 def markdown(stats: dict, quality: list[dict] | None) -> str:
-    lines = ["# Pseudo labels", "", *(f"    {line}" for line in summary_lines(stats, quality, "")[1:]), "",
+    lines = ["# Pseudo labels", "",
+             "Images by status: " + ", ".join(f"{k} {v}" for k, v in stats["images_by_status"].items()) + ".",
+             "Labelled but dropped: " + (", ".join(f"{k} {v}" for k, v in stats["images_dropped"].items()) or "none")
+             + f". Labelling: {stats.get('images_per_s') or '-'} images/s.", "",
              f"Scorer: **{stats['scorer']}**. Labeller: `{stats.get('labeller', '')}`, text encoder "
              f"`{stats.get('text_encoder', '')}`.", "",
              "| images in | labelled | kept | boxes | boxes / kept image | phrases / caption | distinct phrases |",
