@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -61,8 +62,14 @@ class InferenceSpec:
     nms_iou: float = 0.7
     pre_nms_topk: int = 30000
     num_actors: int = 1      # actors in the pool (one model replica each)
-    use_gpu: bool = False    # one GPU per actor
+    use_gpu: bool = False    # one GPU per actor (an actor without CUDA then fails, it never falls back to CPU)
     cpus_per_actor: float = 1.0
+    # On GPU the network runs under autocast in this dtype (boxes are decoded in fp32 whatever it is, the
+    # head's contract); a CPU actor always runs fp32.
+    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
+    # Ray accelerator type the actors' GPUs must be (e.g. "A10G"): puts evaluation on its own GPU pool, so
+    # it never holds a GPU the training run needs to restart (jobs/cluster/aws-4x8gpu.yaml: gpu_eval).
+    accelerator_type: str = ""
 
     def __post_init__(self):
         if self.img_size % 32 or self.img_size <= 0:
@@ -175,7 +182,13 @@ class Detector:
 
         from yworld.model.weights import load_model
 
-        self.device = torch.device("cuda" if inference.use_gpu and torch.cuda.is_available() else "cpu")
+        if inference.use_gpu and not torch.cuda.is_available():
+            raise ConfigError(f"inference.use_gpu: this evaluation actor has no CUDA device (torch "
+                              f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                              f"fix the node's driver / torch build, or set inference.use_gpu: false")
+        self.device = torch.device("cuda" if inference.use_gpu else "cpu")
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(inference.precision) \
+            if self.device.type == "cuda" else None
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(inference.cpus_per_actor)))
         self.model = load_model(weights, device=self.device)
@@ -191,7 +204,9 @@ class Detector:
         inf = self.inference
         param = next(self.model.parameters())
         images = torch.from_numpy(batch["image"]).to(self.device).permute(0, 3, 1, 2).to(param.dtype) / 255.0
-        with torch.inference_mode():  # folded (re-parameterized) models carry their vocabulary
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                                    enabled=self.autocast_dtype is not None):
+            # folded (re-parameterized) models carry their vocabulary
             args = (images,) if getattr(self.model, "folded_vocab", None) is not None else (images, self.text)
             boxes, scores = self.model(*args)
             dets = nms_detections(boxes, scores, score_thr=inf.score_threshold, iou_thr=inf.nms_iou,
@@ -227,6 +242,7 @@ def run_inference(weights: str, images: list[dict], text_embeds: np.ndarray, cat
         Detector, batch_size=inference.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=inference.num_actors),
         num_gpus=1 if inference.use_gpu else 0, num_cpus=inference.cpus_per_actor,
+        **({"accelerator_type": inference.accelerator_type} if inference.use_gpu and inference.accelerator_type else {}),
         fn_constructor_kwargs=dict(weights=weights, text_embeds=text_embeds, category_ids=category_ids,
                                    inference=inference))
     schema = pa.schema([("image_id", pa.int64()), ("category_id", pa.int64()), ("x", pa.float64()),

@@ -26,7 +26,7 @@ def test_launcher_yaml_passes_rays_schema_and_has_the_4x8_shape(jobs_dir):
 
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
-    gpu = [t for name, t in types.items() if t.get("resources", {}).get("GPU")]
+    gpu = [t for name, t in types.items() if t.get("resources", {}).get("GPU", 0) >= 8]  # training nodes
     cpu = [t for name, t in types.items() if name != config["head_node_type"] and not t["resources"].get("GPU")]
     assert len(gpu) == 1 and gpu[0]["min_workers"] == 0 and gpu[0]["max_workers"] == 4
     assert gpu[0]["resources"]["GPU"] == 8
@@ -112,3 +112,22 @@ def test_no_cluster_config_leaves_the_jobs_api_open(jobs_dir):
     secrets.add(env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"])
     assert len(secrets) == 1  # one Secret: the cluster's token is the clients' token
     assert not any("AUTH_TOKEN" in arg for arg in container["command"])  # never on a command line
+
+
+def test_launcher_gpu_nodes_run_nccl_over_efa(jobs_dir):
+    """Every network card of the training nodes gets an EFA interface, in the layout Ray's AWS bootstrap
+    accepts (`_configure_from_network_interfaces`: a subnet and security groups on each interface, none on
+    the node), and every node starts Ray with the libfabric / aws-ofi-nccl settings its Train workers
+    inherit. (Ray's bootstrap itself needs boto3, which the test environment does not install.)"""
+    raw = _load(jobs_dir / "cluster" / "aws-4x8gpu.yaml")
+    (gpu,) = [t for t in raw["available_node_types"].values() if t.get("resources", {}).get("GPU", 0) >= 8]
+    cards = {"p4d.24xlarge": 4, "p4de.24xlarge": 4, "p5.48xlarge": 32}[gpu["node_config"]["InstanceType"]]
+    interfaces = gpu["node_config"]["NetworkInterfaces"]
+    assert sorted(i["NetworkCardIndex"] for i in interfaces) == list(range(cards))
+    assert all(i["InterfaceType"] == "efa" for i in interfaces) and gpu["node_config"]["Placement"]["GroupName"]
+    assert all(i["SubnetId"] and i["Groups"] for i in interfaces)
+    assert len({i["SubnetId"] for i in interfaces}) == 1  # one subnet: EFA does not cross AZs
+    assert not {"SubnetIds", "SecurityGroupIds"} & set(gpu["node_config"])
+    start = " ".join(raw["worker_start_ray_commands"])
+    for setting in ("FI_PROVIDER=efa", "FI_EFA_USE_DEVICE_RDMA=1", "/opt/amazon/ofi-nccl/lib"):
+        assert setting in start
