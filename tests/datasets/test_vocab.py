@@ -121,3 +121,18 @@ def test_negatives_are_uniform_over_the_non_positive_classes():
     others = counts[2:]
     assert abs(others.mean() - expected) < 0.05 * expected
     assert abs(counts[1] - expected) < 4 * expected ** 0.5  # ~±4 sigma; the old double count gave ~1.9x
+
+
+def test_negatives_are_drawn_afresh_for_every_sample():
+    """One generator, many samples with the same positives (a window of similar images): each sample gets its
+    own negatives in its own order; re-seeding per sample, or drawing once per window, gives every sample the
+    same list (the one-line bug this guards)."""
+    rng = np.random.default_rng(0)
+    texts, labels = [["person"], ["car"]], np.array([0, 1, 1])
+    vocabularies = [sample_vocabulary(texts, labels, "detection", rng, POOL, 20) for _ in range(50)]
+    negatives = [tuple(t for t in v.texts if t not in ("person", "car")) for v in vocabularies]
+    assert len(set(negatives)) == 50  # no two samples share their negative list
+    assert len({frozenset(n) for n in negatives}) == 50  # nor their negative set
+    assert len({v.texts.index("person") for v in vocabularies}) > 5  # the positives move between slots too
+    seen = {t.removesuffix(" alias") for n in negatives for t in n}
+    assert len(seen) > 250  # 50 x 18 draws over 365 classes reach most of the pool
