@@ -78,6 +78,15 @@ def _session_token(opts: StorageOptions) -> str | None:
     return None
 
 
+# Timeouts (seconds) and attempts. The read timeout bounds how long an endpoint that accepts the connection
+# but never answers can hold a request; botocore makes at most ATTEMPTS of each request (standard mode:
+# backoff on throttling and 5xx) and s3fs's own retry loop around it is turned off, so a silent endpoint
+# fails a call in about ATTEMPTS x READ_TIMEOUT_S. The fail-fast probe makes one attempt with short
+# timeouts: a bad endpoint is one StorageError line within ~10 s.
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS = 10, 20, 3
+PROBE_CONNECT_TIMEOUT_S, PROBE_READ_TIMEOUT_S = 5, 10
+
+
 def _s3_kwargs(options: StorageOptions, fast_fail: bool = False) -> dict:
     opts = options.resolved()
     client_kwargs = {}
@@ -89,21 +98,34 @@ def _s3_kwargs(options: StorageOptions, fast_fail: bool = False) -> dict:
         kwargs["key"] = opts.key
         kwargs["secret"] = opts.secret
         kwargs["token"] = _session_token(opts)
-    # A probe should fail in well under a second on a wrong endpoint; real transfers keep botocore's
-    # retries for transient errors.
-    retries = {"max_attempts": 1} if fast_fail else {"max_attempts": 5, "mode": "standard"}
-    kwargs["config_kwargs"] = {"retries": retries, "connect_timeout": 5 if fast_fail else 30}
+    if fast_fail:
+        config = {"retries": {"total_max_attempts": 1}, "connect_timeout": PROBE_CONNECT_TIMEOUT_S,
+                  "read_timeout": PROBE_READ_TIMEOUT_S}
+    else:
+        config = {"retries": {"total_max_attempts": ATTEMPTS, "mode": "standard"},
+                  "connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S}
+    kwargs["config_kwargs"] = config
+    # No folder-listing cache: fsspec hands back one cached filesystem per set of options, and its listings
+    # never expire, so a long-running process (eval-watch as a service) would never see what other
+    # processes write after its first look (new checkpoints, another watcher's done.json).
+    kwargs["use_listings_cache"] = False
     return kwargs
+
+
+def _s3(options: StorageOptions, fast_fail: bool = False):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**_s3_kwargs(options, fast_fail))
+    fs.retries = 1  # s3fs's own loop (default 5 tries) would multiply botocore's attempts and timeouts
+    return fs
 
 
 def filesystem(url: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(fsspec filesystem, path inside it) for a URL. s3:// paths come back as `bucket/key`."""
     options = options or StorageOptions()
     if is_s3(url):
-        import s3fs
-
         parsed = urlparse(url)
-        return s3fs.S3FileSystem(**_s3_kwargs(options)), f"{parsed.netloc}{parsed.path}".rstrip("/")
+        return _s3(options), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if is_local(url):
         return fsspec.filesystem("file"), local_path(url)
     fs, path = fsspec.core.url_to_fs(url)
@@ -117,7 +139,9 @@ def pyarrow_filesystem(url: str, options: StorageOptions | None = None):
     options = (options or StorageOptions()).resolved()
     if is_s3(url):
         parsed = urlparse(url)
-        kwargs: dict = {"region": options.region or "us-east-1", "anonymous": options.anon}
+        kwargs: dict = {"region": options.region or "us-east-1", "anonymous": options.anon,
+                        "connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": READ_TIMEOUT_S,
+                        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=ATTEMPTS)}
         if options.endpoint_url:
             ep = urlparse(options.endpoint_url)
             kwargs["endpoint_override"] = ep.netloc or ep.path
@@ -166,6 +190,9 @@ def storage_error(exc: BaseException, url: str, options: StorageOptions | None =
     if any(m in text for m in conn_markers):
         return StorageError(f"cannot reach object storage for {where}: connection failed; "
                             "check --endpoint-url / storage.endpoint_url / AWS_ENDPOINT_URL")
+    if any(m in text for m in ("ReadTimeout", "Read timeout", "ServerTimeoutError", "TimeoutError", "timed out")):
+        return StorageError(f"object storage for {where} accepted the connection but did not answer in time; "
+                            "check that the endpoint is an S3 service (storage.endpoint_url / AWS_ENDPOINT_URL)")
     if isinstance(exc, PermissionError) or any(m in text for m in (
             "AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")):
         return StorageError(f"access denied to {where}: check the access key and secret "
@@ -195,10 +222,8 @@ def probe(url: str, options: StorageOptions | None = None) -> None:
     options = options or StorageOptions()
     if not is_s3(url):
         return
-    import s3fs
-
     bucket = urlparse(url).netloc
-    fs = s3fs.S3FileSystem(**_s3_kwargs(options, fast_fail=True))
+    fs = _s3(options, fast_fail=True)
     try:
         fs.call_s3("head_bucket", Bucket=bucket)
     except FileNotFoundError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import math
 import re
 import types
 import typing
@@ -29,7 +30,7 @@ from yworld.model.errors import ConfigError
 
 __all__ = [
     "JOB_KINDS", "load_spec", "load_yaml", "build", "to_dict", "dump_spec", "apply_overrides",
-    "resolve_job_path", "job_class",
+    "resolve_job_path", "job_class", "check_folder_name", "check_range",
 ]
 
 # kind -> "module:Class". Imported lazily: a job kind's dependencies are loaded only when it is used.
@@ -42,6 +43,7 @@ JOB_KINDS: dict[str, str] = {
 }
 
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_INT_LIMIT = 2**63  # ids, seeds and counts travel as int64 (numpy, Arrow, torch)
 
 
 def job_class(kind: str, where: str = "spec") -> type:
@@ -78,10 +80,38 @@ def _packaged_names() -> str:
     return ", ".join(sorted({p.stem for d in _packaged_job_dirs() for p in d.glob("*.yaml")}))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently,
+    so `lr: 2e-3` ... `lr: 2e-2` further down would win unseen). Merge keys (`<<: *base`) may still be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first[key] + 1}); keep one",
+                        key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+        data = _yaml(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the job "
+                          f"spec as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -116,7 +146,7 @@ def apply_overrides(data: dict, overrides: Sequence[str], where: str = "--set") 
                 raise ConfigError(f"{where} {item!r}: {'.'.join(parts[:i + 1])} is not a section")
             node = child
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = _yaml(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
         node[parts[-1]] = value
@@ -139,6 +169,47 @@ def load_spec(source: str | Path, overrides: Sequence[str] = ()) -> Any:
 def build(cls: type, data: Any, where: str = "spec", path: str = "", cli_paths: set[str] | None = None) -> Any:
     """Build dataclass `cls` from plain data, checking every field against its type hint."""
     return _convert(cls, data, _Ctx(where, cli_paths or set()), path)
+
+
+def check_folder_name(name: str, field: str) -> None:
+    """`name` becomes one folder under a storage path (a run, an evaluation): refuse what would not stay a
+    single plain folder there (`..`, `/`, control characters, ...). Raises ValueError (the validator adds
+    file and section)."""
+    problem = ("is empty" if not name else "is '.' or '..'" if name in (".", "..") else
+               "contains '/' or '\\'" if "/" in name or "\\" in name else
+               "contains a control character" if any(ord(c) < 32 or ord(c) == 127 for c in name) else
+               "starts or ends with a space" if name != name.strip() else
+               "is longer than 255 bytes" if len(name.encode("utf-8", "surrogatepass")) > 255 else
+               "is not valid text" if not _encodable(name) else None)
+    if problem:
+        raise ValueError(f"{field}: {name!r} {problem}; use a plain folder name such as 'pretrain-l-v2'")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+
+
+def check_range(section: Any, name: str, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ValueError when field `name` of `section` (each item, for a tuple) is outside the interval.
+    `low_open` / `high_open` exclude the bound: check_range(o, "lr", 0, low_open=True) means lr > 0."""
+    value = getattr(section, name)
+    for v in (value if isinstance(value, (tuple, list)) else (value,)):
+        if v is None:
+            continue
+        if (low is not None and (v <= low if low_open else v < low)) or (
+                high is not None and (v >= high if high_open else v > high)):
+            if high is None:
+                want = f"{'>' if low_open else '>='} {low}"
+            elif low is None:
+                want = f"{'<' if high_open else '<='} {high}"
+            else:
+                want = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise ValueError(f"{name}: {value!r} must be {want}")
 
 
 @dataclasses.dataclass
@@ -237,17 +308,27 @@ def _convert(tp: Any, value: Any, ctx: _Ctx, path: str) -> Any:
             return value
         raise ctx.fail(path, f"expected true or false, {_got(value)}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer() and path in ctx.cli_paths:
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not -_INT_LIMIT <= value < _INT_LIMIT:
+                raise ctx.fail(path, f"{value} is out of range; an integer here must fit in 64 bits")
+            return value
         raise ctx.fail(path, f"expected an integer, {_got(value)}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-            return float(value)
-        raise ctx.fail(path, f"expected a number, {_got(value)}")
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond any float
+                number = math.inf
+        elif isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            number = float(value)
+        if number is None:
+            raise ctx.fail(path, f"expected a number, {_got(value)}")
+        if not math.isfinite(number):  # .inf / .nan / 1e999: nothing trains, waits or scores with those
+            raise ctx.fail(path, f"must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -9,6 +9,10 @@ The winner refreshes its `heartbeat` every `lease_s / 4`. A watcher that finds t
 a heartbeat for longer than `lease_s` (its owner crashed) and without the task's `done.json` may claim
 the next attempt number, again atomically; after `max_attempts` the task is left alone (and reported).
 Heartbeats use the claimers' clocks: keep clock skew well below the lease.
+
+Fencing: a watcher that stalled past its lease may wake up after another took the task over. Its result is
+then discarded: `release` writes `done.json` only while its attempt is still the task's latest, and only
+with create-if-absent, so a `done.json` once written is never replaced.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from yworld.datasets.storage import StorageOptions, filesystem, join, make_parent_dirs, write_bytes_atomic
+from yworld.datasets.storage import StorageOptions, filesystem, is_object_store, join, make_parent_dirs, tmp_name
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +69,58 @@ class Claim:
         self._thread = threading.Thread(target=beat, name="claim-heartbeat", daemon=True)
         self._thread.start()
 
-    def release(self, ok: bool, result: dict | None = None) -> None:
+    def release(self, ok: bool, result: dict | None = None) -> bool:
+        """End the claim. With `ok`, record `result` in done.json unless this attempt was superseded (its
+        lease expired and a later attempt exists) or the task is already done; True when it was recorded."""
         if self._stop is not None:
             self._stop.set()
             self._thread.join()
         fs, path = filesystem(self.url, self.storage)
+        recorded = False
         if ok:
-            done_fs, done_path = filesystem(join(self.task_url, DONE), self.storage)
-            write_bytes_atomic(done_fs, done_path, json.dumps({"owner": self.owner, "attempt": self.attempt,
-                                                               "finished": time.time(), **(result or {})}).encode())
-        fs.pipe_file(path, self._body("done" if ok else "failed"))
+            latest = max(attempts(self.task_url, self.storage), default=self.attempt)
+            if latest > self.attempt:
+                log.warning("%s: attempt %d outlived its lease and attempt %d took over; discarding its result",
+                            self.task_url, self.attempt, latest)
+            else:
+                done_fs, done_path = filesystem(join(self.task_url, DONE), self.storage)
+                body = json.dumps({"owner": self.owner, "attempt": self.attempt, "finished": time.time(),
+                                   **(result or {})}).encode()
+                recorded = create_if_absent(done_fs, done_path, body)
+                if not recorded:
+                    log.warning("%s: done.json was written by another watcher; keeping it", self.task_url)
+        status = "failed" if not ok else "done" if recorded else "superseded"
+        fs.pipe_file(path, self._body(status))
+        return recorded
+
+
+def create_if_absent(fs, path: str, data: bytes) -> bool:
+    """Write `data` to `path` only if nothing is there, atomically (readers never see a partial file);
+    False when the path already exists. S3: a conditional PutObject (an object appears only complete);
+    local disks: a hidden temporary file hard-linked to the name (link fails if the name exists)."""
+    make_parent_dirs(fs, path)
+    if is_object_store(fs):
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if "precondition" in str(e).lower().replace("-", ""):
+                return False
+            raise
+    parent, _, name = path.rpartition("/")
+    tmp = f"{parent}/{tmp_name(name)}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
 
 
 def is_done(task_url: str, storage: StorageOptions) -> bool:

@@ -15,10 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from yworld.datasets.storage import filesystem, probe, storage_errors
 from yworld.model.errors import DataError
 
 # LVIS frequency groups, in lvis-api's order (Params.img_count_lbl). ref: eval-and-assignment.md §A1
 FREQUENCIES = ("r", "c", "f")
+_ID_LIMIT = 2**63  # ids are int64 columns
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ def read_json(path: str | Path, label: str) -> Any:
         return _loads(data)
     except ValueError as e:  # json.JSONDecodeError and orjson.JSONDecodeError both derive from it
         raise DataError(f"{label}: not valid JSON ({e})") from None
+    except RecursionError:  # [[[[...]]]]: no annotation or results file nests more than a few levels
+        raise DataError(f"{label}: JSON nested too deeply to be an annotation or results file") from None
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -110,13 +114,14 @@ def _loads(data: bytes) -> Any:
 
 def _read_bytes(path: str, label: str) -> bytes:
     if "://" in path and not path.startswith("file://"):
-        from yworld.datasets.storage import filesystem
-
+        # the same one-line storage errors as ingest: probe (endpoint, bucket, credentials) within ~10 s
+        probe(path)
         fs, p = filesystem(path)
-        if not fs.exists(p):
-            raise DataError(f"{label}: file not found")
-        with fs.open(p, "rb") as f:
-            return f.read()
+        with storage_errors(path):
+            if not fs.exists(p):
+                raise DataError(f"{label}: file not found")
+            with fs.open(p, "rb") as f:
+                return f.read()
     local = Path(path.removeprefix("file://"))
     if not local.is_file():
         raise DataError(f"{label}: file not found")
@@ -125,8 +130,25 @@ def _read_bytes(path: str, label: str) -> bytes:
 
 def _int_id(value: Any, label: str, where: str, field: str = "id") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise DataError(f"{label}: {where}: '{field}' must be an integer, got {value!r}")
+        raise DataError(f"{label}: {where}: '{field}' must be an integer, got {_short(value)}")
+    if not -_ID_LIMIT <= value < _ID_LIMIT:
+        raise DataError(f"{label}: {where}: '{field}' {value} does not fit in 64 bits")
     return value
+
+
+def _short(value: Any) -> str:
+    text = ascii(value) if isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def finite_number(value: Any) -> bool:
+    """A JSON number (not a bool, not a string) with a finite float value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _categories(cats: list, kind: str, label: str) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
@@ -192,15 +214,14 @@ def _annotations(anns: list, images: np.ndarray, categories: np.ndarray, kind: s
         img[i] = _int_id(a["image_id"], label, where, "image_id")
         cat[i] = _int_id(a["category_id"], label, where, "category_id")
         bb = a["bbox"]
-        if (not isinstance(bb, (list, tuple)) or len(bb) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bb)):
-            raise DataError(f"{label}: {where}: bbox {bb!r} is not 4 finite numbers [x, y, w, h]")
+        if not isinstance(bb, (list, tuple)) or len(bb) != 4 or not all(finite_number(v) for v in bb):
+            raise DataError(f"{label}: {where}: bbox {_short(bb)} is not 4 finite numbers [x, y, w, h]")
         if bb[2] < 0 or bb[3] < 0:
             raise DataError(f"{label}: {where}: bbox {bb!r} has a negative width or height")
         boxes[i] = bb
         ar = a["area"]
-        if isinstance(ar, bool) or not isinstance(ar, (int, float)) or not math.isfinite(ar):
-            raise DataError(f"{label}: {where}: area {ar!r} is not a finite number")
+        if not finite_number(ar):
+            raise DataError(f"{label}: {where}: area {_short(ar)} is not a finite number")
         area[i] = ar
         if kind == "lvis":
             ignore[i] = bool(a.get("ignore", 0))  # lvis-api: `if "ignore" not in gt: gt["ignore"] = 0`
@@ -255,6 +276,8 @@ def _federated_keys(image_dicts: list, images: np.ndarray, categories: np.ndarra
             if not isinstance(lst, list):
                 raise DataError(f"{label}: images[{i}] (id={im['id']}): missing list '{field}'; LVIS "
                                 "ground truth needs neg_category_ids and not_exhaustive_category_ids per image")
+            for value in lst:
+                _int_id(value, label, f"images[{i}] (id={im['id']})", field)
             img_rows.append(np.full(len(lst), im["id"], np.int64))
             cat_vals.append(np.asarray(lst, dtype=np.int64).reshape(-1))
         rows = np.concatenate(img_rows) if img_rows else np.zeros(0, np.int64)

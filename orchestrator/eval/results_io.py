@@ -7,6 +7,7 @@ dropped detection would change AP without anyone noticing.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,7 @@ def load_results(source: str | Path | list, name: str | None = None) -> Detectio
         if boxes.shape != (len(records), 4):
             raise ValueError("bbox shape")
         _check_integral(records, label)
+        _check_numbers(records, label)
     except (KeyError, TypeError, ValueError, OverflowError):
         _diagnose(records, label)
     return Detections(label, image_ids, category_ids, boxes, scores)
@@ -81,6 +83,14 @@ def _check_integral(records: list, label: str) -> None:
                 _fail(label, bad, records[bad], f"{field} {records[bad][field]!r} is not an integer")
 
 
+def _check_numbers(records: list, label: str) -> None:
+    # numpy turns True into 1.0 and "0.5" into 0.5: scores and boxes must be JSON numbers (rejected, not coerced)
+    found = set(map(type, (r["score"] for r in records)))
+    found |= set(map(type, itertools.chain.from_iterable(r["bbox"] for r in records)))
+    if not all(issubclass(t, (int, float, np.integer, np.floating)) and t is not bool for t in found):
+        _diagnose(records, label)
+
+
 def _diagnose(records: list, label: str) -> NoReturn:
     for i, r in enumerate(records):
         if not isinstance(r, dict):
@@ -93,6 +103,8 @@ def _diagnose(records: list, label: str) -> NoReturn:
         for field in ("image_id", "category_id"):
             if not _is_int(r[field]):
                 _fail(label, i, r, f"{field} {r[field]!r} is not an integer")
+            if not -2**63 <= r[field] < 2**63:
+                _fail(label, i, r, f"{field} {r[field]} does not fit in 64 bits")
         bb = r["bbox"]
         if not isinstance(bb, (list, tuple)) or len(bb) != 4 or not all(_is_number(v) for v in bb):
             _fail(label, i, r, f"bbox {bb!r} is not 4 numbers [x, y, w, h]")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -24,6 +24,7 @@ from yworld.datasets.storage import StorageOptions, filesystem, join
 from yworld.model.errors import ConfigError, YWorldError
 from yworld.orchestrator.eval import claims, report
 from yworld.orchestrator.eval.job import DatasetSpec, InferenceSpec, Protocol, TextSpec, _check_protocols
+from yworld.orchestrator.spec import check_folder_name
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,10 @@ class WatchJob:
 
     def __post_init__(self):
         _check_protocols(self.protocols, self.dataset.format)
-        if not self.run or "/" in self.run:
-            raise ValueError(f"run: {self.run!r} must be the training run's name (its folder under storage_path)")
+        if not self.run:
+            raise ValueError("run: give the training run's name (its folder under storage_path)")
+        check_folder_name(self.run, "run")
+        check_folder_name(self.name, "name")
         if self.poll_interval_s <= 0 or self.lease_s <= 0 or self.max_attempts < 1:
             raise ValueError("poll_interval_s and lease_s must be > 0, max_attempts >= 1")
 
@@ -129,9 +132,10 @@ Evaluate = Callable[[WatchJob, CheckpointInfo, str], list[dict]]
 
 
 def watch(job: WatchJob, evaluate: Evaluate = evaluate_checkpoint, once: bool | None = None,
-          max_polls: int | None = None) -> list[str]:
-    """Evaluate new checkpoints until stopped (or one pass with `once`); returns the checkpoints this
+          max_polls: int | None = None, stop: threading.Event | None = None) -> list[str]:
+    """Evaluate new checkpoints until `stop` is set (or one pass with `once`); returns the checkpoints this
     watcher evaluated. `evaluate(job, checkpoint, output_url) -> metric rows` is injectable for tests."""
+    stop = stop or threading.Event()
     once = job.once if once is None else once
     storage = job.storage.resolved()
     title = f"Evaluation `{job.name}` of run `{job.run}`"
@@ -154,14 +158,14 @@ def watch(job: WatchJob, evaluate: Evaluate = evaluate_checkpoint, once: bool | 
                 log.error("evaluation of %s failed (attempt %d of %d): %s", ckpt.name, claim.attempt,
                           job.max_attempts, e if isinstance(e, YWorldError) else repr(e))
                 continue
-            claim.release(ok=True, result={"checkpoint": ckpt.name, "step": ckpt.step, "epoch": ckpt.epoch,
-                                           "rows": rows})
+            if not claim.release(ok=True, result={"checkpoint": ckpt.name, "step": ckpt.step, "epoch": ckpt.epoch,
+                                                  "rows": rows}):
+                continue  # this watcher's lease expired and another took over (claims.py "Fencing")
             evaluated.append(ckpt.name)
             report.regenerate(job.eval_url, storage, title)
         _heal_table(job, storage, title)
-        if once or (max_polls is not None and polls >= max_polls):
+        if once or (max_polls is not None and polls >= max_polls) or stop.wait(job.poll_interval_s):
             return evaluated
-        time.sleep(job.poll_interval_s)
 
 
 def _heal_table(job: WatchJob, storage: StorageOptions, title: str) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 
 import pandas as pd
 import pytest
 
-from yworld.datasets.storage import StorageOptions
+from yworld.datasets.storage import StorageOptions, filesystem
 from yworld.orchestrator.eval import claims
 from yworld.orchestrator.eval.watch import WatchJob, list_checkpoints, watch
 from yworld.orchestrator.spec import build
@@ -178,3 +180,74 @@ def test_claims_are_atomic_on_s3(s3_server, monkeypatch):
             t.join()
         assert len(won) == 1
     _race_lost_after_check(f"s3://{bucket}/run/eval/val/raced", storage, monkeypatch)
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_a_watcher_whose_lease_expired_never_replaces_done(tmp_path, request, where):
+    """Fencing by attempt: a stalled watcher wakes after another took the task over; its result is dropped,
+    and done.json, once written, is never replaced."""
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        storage, task = server.storage(), f"s3://{server.make_bucket()}/run/eval/val/checkpoint_step00000010"
+    else:
+        storage, task = StorageOptions(), str(tmp_path / "run" / "eval" / "val" / "checkpoint_step00000010")
+    stalled = claims.try_claim(task, storage, lease_s=0.3, max_attempts=3, owner="stalled")
+    time.sleep(0.5)  # no heartbeat: the lease expires
+    taker = claims.try_claim(task, storage, lease_s=0.3, max_attempts=3, owner="taker")
+    assert (stalled.attempt, taker.attempt) == (1, 2)
+    assert stalled.release(ok=True, result={"by": "stalled"}) is False  # superseded while the other runs
+    assert not claims.is_done(task, storage)
+    assert taker.release(ok=True, result={"by": "taker"}) is True
+    late = claims.Claim(task, 2, "late", storage, lease_s=60)  # same attempt number, finishing second
+    assert late.release(ok=True, result={"by": "late"}) is False
+    fs, path = filesystem(f"{task}/done.json", storage)
+    done = json.loads(fs.cat_file(path))
+    assert (done["by"], done["attempt"], done["owner"]) == ("taker", 2, "taker")
+    assert json.loads(fs.cat_file(path.replace("done.json", "attempt-001.json")))["status"] == "superseded"
+
+
+WRITE_CHECKPOINTS = """
+import json, sys, time
+from yworld.datasets.storage import StorageOptions, filesystem
+storage = StorageOptions(endpoint_url=sys.argv[2], key=sys.argv[3], secret=sys.argv[4])
+for i, step in enumerate(int(s) for s in sys.argv[5:]):
+    time.sleep(1.0 if i else 0.0)
+    fs, path = filesystem(f"{sys.argv[1]}/checkpoint_step{step:08d}", storage)
+    fs.pipe_file(f"{path}/model.safetensors", b"weights")
+    fs.pipe_file(f"{path}/meta.json", json.dumps({"step": step, "epoch": 0}).encode())  # last: complete
+"""
+
+
+@pytest.mark.s3
+def test_service_watcher_sees_checkpoints_another_process_writes_to_s3(s3_server, tmp_path):
+    """eval-watch as a service on S3: after quiet polls it still sees new checkpoints (no stale listing
+    cache) and evaluates each exactly once."""
+    bucket = s3_server.make_bucket()
+    storage = s3_server.storage()
+    run = f"s3://{bucket}/runs/r1"
+    job = _job(tmp_path, storage_path=f"s3://{bucket}/runs", poll_interval_s=0.2,
+               storage={"endpoint_url": s3_server.endpoint_url, "key": s3_server.key, "secret": s3_server.secret})
+    writer = [sys.executable, "-c", WRITE_CHECKPOINTS, run, s3_server.endpoint_url, s3_server.key, s3_server.secret]
+    subprocess.run(writer + ["10"], check=True, timeout=60)
+    stop, evaluated = threading.Event(), []
+    service = threading.Thread(target=lambda: evaluated.extend(watch(job, evaluate=fake_evaluate, stop=stop)))
+    service.start()
+    try:
+        _wait_for(lambda: len(_log(tmp_path)) == 1)
+        time.sleep(0.6)  # quiet polls: the run folder has been listed with one checkpoint
+        subprocess.run(writer + ["20", "30"], check=True, timeout=60)  # another process, one second apart
+        _wait_for(lambda: len(_log(tmp_path)) == 3)
+        time.sleep(0.6)  # more polls: nothing is evaluated twice
+    finally:
+        stop.set()
+        service.join(60)
+    names = [f"checkpoint_step{s:08d}" for s in (10, 20, 30)]
+    assert _log(tmp_path) == names and evaluated == names
+    assert all(claims.is_done(f"{run}/eval/val/{n}", storage) for n in names)
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
