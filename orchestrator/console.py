@@ -25,7 +25,10 @@ import logging
 import os
 import re
 
-__all__ = ["CHATTER", "ENV", "configure_ray_environment", "quiet_ray_loggers"]
+__all__ = ["CHATTER", "ENV", "SETUP_HOOK", "configure_ray_environment", "quiet_ray_loggers", "pin_ray_address"]
+
+# runtime_env["worker_process_setup_hook"] of every job (run.init_ray): runs in each of its worker processes.
+SETUP_HOOK = "yworld.orchestrator.console.pin_ray_address"
 
 # Forwarded lines that are Ray's internal state, never something a user acts on. Each entry says where it
 # comes from; keep them specific (a pattern that could match a real failure does not belong here).
@@ -56,6 +59,19 @@ def configure_ray_environment() -> None:
     """Our console defaults for Ray, unless the user set them (call before `import ray`)."""
     for key, value in ENV.items():
         os.environ.setdefault(key, value)
+
+
+def pin_ray_address() -> None:
+    """Ray's State API in this worker process talks to the cluster the worker belongs to.
+
+    Ray Train's PlacementGroupCleaner asks the State API about the Train controller every second without an
+    address; Ray then looks for "the" Ray instance on the machine, and with two of them there (two runs, a
+    laptop's test session, fake multi-node clusters) every poll ends in a `ConnectionError` traceback on the
+    console. With RAY_ADDRESS set it asks this cluster; a private local Ray has no dashboard to answer, and
+    that one-line warning is in CHATTER."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def quiet_ray_loggers(level: int = logging.WARNING) -> None:

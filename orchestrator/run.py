@@ -41,15 +41,16 @@ def init_ray(address: str | None, min_cpus: float = 0) -> None:
     if ray.is_initialized():
         return
     console.quiet_ray_loggers()
-    env_vars = {**JOB_ENV, **console.ENV}  # every process of the job: the driver's settings, for its workers
+    # every process of the job: the driver's settings, and Ray's helpers pointed at this cluster (console.py)
+    runtime_env = {"env_vars": {**JOB_ENV, **console.ENV}, "worker_process_setup_hook": console.SETUP_HOOK}
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, runtime_env=_beside_submission({"env_vars": env_vars}), log_to_driver=True)
+        ray.init(address=address, runtime_env=_beside_submission(runtime_env), log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, local Ray
     num_cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
     # address="local": always a new private Ray, never a `ray start` cluster that happens to run on this host
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
     log.info("started a private local Ray (%d CPUs; no cluster address given)", num_cpus)
 
 
@@ -122,8 +123,8 @@ def main(args: argparse.Namespace) -> int:
         from ray.train import TrainingFailedError
 
         if isinstance(e, TrainingFailedError):
-            raise YWorldError(f"job {getattr(job, 'name', '')}: training failed ({_cause(e)}); run the same "
-                              f"job again to continue from its latest checkpoint") from e
+            raise YWorldError(f"job {getattr(job, 'name', '')}: training failed ({_cause(e)}); "
+                              f"{_advice(e)}") from e
         raise
     if job.kind == "train":
         print(f"run: {outcome.run_url}\nsteps: {outcome.steps} / {outcome.total_steps}\n"
@@ -135,6 +136,22 @@ def main(args: argparse.Namespace) -> int:
     elif job.kind in ("eval", "pseudo_label"):
         print(outcome.format())
     return 0
+
+
+def _advice(error: Exception) -> str:
+    """What to do after a failed training: re-running helps only when workers were lost (a dead node, a
+    preemption, a killed process); an error raised by the training itself fails the same way again."""
+    import ray.exceptions
+
+    causes = [getattr(c, "_base_exc", c) for c in (getattr(error, "worker_failures", None) or {}).values()]
+    if any(isinstance(c, YWorldError) for c in causes):
+        return "fix that, then run the job again (it continues from its latest checkpoint)"
+    lost = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
+            ray.exceptions.ObjectLostError, ConnectionError, TimeoutError)
+    if all(isinstance(c, lost) for c in causes):  # also: no worker error at all (the controller's)
+        return "a transient failure: run the same job again to continue from its latest checkpoint"
+    return ("an error in the training code or its input, so running it again fails the same way; the worker's "
+            "traceback is in the log (or run with --debug)")
 
 
 def _cause(error: Exception) -> str:
