@@ -131,3 +131,15 @@ def test_launcher_gpu_nodes_run_nccl_over_efa(jobs_dir):
     start = " ".join(raw["worker_start_ray_commands"])
     for setting in ("FI_PROVIDER=efa", "FI_EFA_USE_DEVICE_RDMA=1", "/opt/amazon/ofi-nccl/lib"):
         assert setting in start
+
+
+def test_kuberay_training_pods_use_efa_and_evaluation_has_its_own_gpus(jobs_dir):
+    cr = _load(jobs_dir / "k8s" / "raycluster.yaml")
+    groups = {g["groupName"]: g for g in cr["spec"]["workerGroupSpecs"]}
+    train = groups["gpu-8x"]["template"]["spec"]["containers"][0]
+    assert train["resources"]["limits"]["vpc.amazonaws.com/efa"] == "4"
+    assert {"name": "FI_PROVIDER", "value": "efa"} in train["env"]
+    derived = _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+    assert derived["gpu-eval"]["resources"]["GPU"] == 1 and derived["gpu-8x"]["resources"]["GPU"] == 8
+    instance = groups["gpu-eval"]["template"]["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"]
+    assert instance.startswith("g5.")  # A10G, the accelerator_type jobs/eval_watch.yaml asks for
