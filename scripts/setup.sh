@@ -13,7 +13,8 @@ if [ -f "$STAMP" ]; then exit 0; fi
 PIP="$VENV/bin/python -m pip install --disable-pip-version-check -q"
 $PIP --upgrade pip setuptools wheel
 $VENV/bin/python -c "import torch, torchvision" 2>/dev/null || \
-  $PIP "torch==${YWORLD_TORCH:-2.14.1}" "torchvision==${YWORLD_TORCHVISION:-0.29.1}"
+  $PIP ${YWORLD_TORCH_INDEX:+--index-url "$YWORLD_TORCH_INDEX"} \
+    "torch==${YWORLD_TORCH:-2.14.1}" "torchvision==${YWORLD_TORCHVISION:-0.29.1}"  # e.g. a cu126 index for V100
 $VENV/bin/python -c "import deepspeed" 2>/dev/null || $PIP --no-build-isolation "deepspeed>=0.16"
 $PIP -e ".[dev]"
 rm -f "$VENV"/.yworld-setup-*
