@@ -1,4 +1,4 @@
-"""Letterbox, NMS selection, predict() in original coordinates and the `yworld predict` command."""
+"""Letterbox, NMS selection and predict() in original coordinates (the `yworld predict` command: test_predict_cli.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -142,41 +142,3 @@ def test_predict_with_tiny_model_and_encoder_like_vocabulary():
     det = results[0]
     assert len(det) == 5 and det.labels.max() < 3
     assert (det.boxes[:, 2] <= 150).all() and (det.boxes[:, 3] <= 100).all() and (det.boxes >= 0).all()
-
-
-def test_predict_cli_writes_annotated_png(tmp_path, minilm_path, capsys):
-    import cv2
-
-    from yworld.orchestrator.cli import main
-
-    image_path = tmp_path / "scene.jpg"
-    cv2.imwrite(str(image_path), scene(120, 160, (20, 20, 80, 90)))
-    rc = main(["predict", "--model", "yolo_world_v2_tiny", "--text-encoder", str(minilm_path), "--texts",
-               "red box, gray wall", "--size", "128", "--score-thr", "0", "--max-det", "3", "--out",
-               str(tmp_path / "out"), str(image_path)])
-    assert rc == 0
-    out = cv2.imread(str(tmp_path / "out" / "scene.png"))
-    assert out.shape == (120, 160, 3)
-    assert "3 detections" in capsys.readouterr().out
-    rc = main(["predict", "--model", "no_such_model", "--texts", "a", str(image_path)])
-    assert rc == 2 and "neither a model name" in capsys.readouterr().err
-
-
-def test_predict_cli_with_reparameterized_weights_needs_no_encoder(tmp_path, capsys):
-    import cv2
-
-    from yworld.model import build_model
-    from yworld.model.reparam import reparameterize
-    from yworld.model.weights import save_weights
-    from yworld.orchestrator.cli import main
-
-    vocab = torch.nn.functional.normalize(torch.randn(2, 24), dim=-1)
-    weights = save_weights(reparameterize(build_model("yolo_world_v2_tiny", text_dim=24), vocab), tmp_path / "rep")
-    image_path = tmp_path / "scene.png"
-    cv2.imwrite(str(image_path), scene(64, 96, (10, 10, 40, 40)))
-    args = ["predict", "--model", weights, "--text-encoder", str(tmp_path / "no-encoder-here"), "--size", "64",
-            "--score-thr", "0", "--max-det", "2", "--out", str(tmp_path / "out"), str(image_path)]
-    assert main([*args, "--texts", "cat,dog"]) == 0
-    assert "2 detections" in capsys.readouterr().out
-    assert main([*args, "--texts", "cat,dog,bird"]) == 2  # the folded vocabulary has 2 texts
-    assert "re-parameterized model has 2" in capsys.readouterr().err
