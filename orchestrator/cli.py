@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("yworld.datasets.synthetic", "write the synthetic open-vocabulary world in the public formats"),
     "ingest": ("yworld.datasets.ingest", "convert public annotations + images into Parquet shards in storage"),
     "predict": ("yworld.model.predict", "detect objects named by free text in images"),
+    "export": ("yworld.model.export", "export a model with its vocabulary folded in to ONNX / OpenVINO, verified"),
+    "demo": ("yworld.model.demo", "a Gradio web app: detect with typed classes, export ONNX (offline)"),
     "eval": ("yworld.orchestrator.eval.job", "evaluate a model on LVIS/COCO with distributed inference"),
     "eval-watch": ("yworld.orchestrator.eval.watch", "evaluate every new checkpoint of a training run exactly once"),
     "lvis-eval": ("yworld.orchestrator.eval.metrics_cli", "LVIS AP (standard or Fixed) of a results JSON"),

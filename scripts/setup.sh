@@ -8,6 +8,15 @@ cd "$(dirname "$0")/.."
 VENV=${YWORLD_VENV:-.venv}
 PY=${PYTHON:-python3}
 STAMP="$VENV/.yworld-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
+# The demo's browser test drives Debian's Chromium (Playwright with executable_path; no browser download).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup.sh: /usr/bin/chromium is missing (the demo's browser test needs it): apt-get install chromium" >&2
+  fi
+fi
 if [ -f "$STAMP" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip install --disable-pip-version-check -q"
