@@ -19,6 +19,7 @@ import torch
 
 from yworld.datasets.storage import StorageOptions, filesystem
 from yworld.model.errors import ConfigError
+from yworld.model.inference import InferenceModel
 from yworld.model.postprocess import Detections, Letterbox, letterbox, nms_detections
 
 __all__ = ["LabellerSpec", "load_images", "Labeller", "detect", "build_labeller_model", "IMAGE_MISSING",
@@ -123,7 +124,7 @@ def detect(model, images: torch.Tensor, text_embeds: torch.Tensor, text_mask: to
     vocabularies [B, N, D] with their real slots `text_mask` [B, N] -> per-image detections in network-input
     pixels (multi-label, per-text NMS). Padding slots take part in the forward (the neck attends to them, as
     in training) but never in NMS: with ~4 phrases in 80 slots they would be 95% of its candidates.
-    The single place to switch in the inference fast path (BN folding, channels-last) once it exists."""
+    `model` is the labeller's `InferenceModel` (the fast path)."""
     with torch.inference_mode():
         boxes, scores = model(images, text_embeds)
         scores = scores * text_mask[:, None, :].to(scores.dtype)
@@ -142,7 +143,8 @@ class Labeller:
             torch.set_num_threads(max(1, int(spec.cpus_per_actor)))
         self.spec = spec
         self.encoder = TextEncoder(text_encoder, device=self.device)
-        self.model = build_labeller_model(spec, weights, self.encoder.dim, self.device, storage)
+        # the inference fast path (batch norms folded, channels-last on CPU); each image brings its own phrases
+        self.model = InferenceModel(build_labeller_model(spec, weights, self.encoder.dim, self.device, storage))
 
     def text_embeddings(self, phrases: list[list[str]]) -> torch.Tensor:
         """[B, vocab_size, D]: each image's phrases, then '' padding."""
