@@ -180,6 +180,7 @@ class Detector:
     def __init__(self, weights: str, text_embeds: np.ndarray, category_ids: np.ndarray, inference: InferenceSpec):
         import torch
 
+        from yworld.model.inference import InferenceModel
         from yworld.model.weights import load_model
 
         if inference.use_gpu and not torch.cuda.is_available():
@@ -191,8 +192,10 @@ class Detector:
             if self.device.type == "cuda" else None
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(inference.cpus_per_actor)))
-        self.model = load_model(weights, device=self.device)
-        self.text = torch.tensor(text_embeds, device=self.device)[None]  # [1, N, D], shared by the batch
+        model = load_model(weights, device=self.device)
+        text = torch.tensor(text_embeds, device=self.device)  # [N, D]: one vocabulary for the whole val set
+        # the inference fast path: vocabulary and batch norms folded into the weights (a folded model has its own)
+        self.model = InferenceModel(model, text_embeds=None if model.folded_vocab is not None else text)
         self.category_ids = category_ids
         self.inference = inference
 
@@ -206,9 +209,7 @@ class Detector:
         images = torch.from_numpy(batch["image"]).to(self.device).permute(0, 3, 1, 2).to(param.dtype) / 255.0
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                                     enabled=self.autocast_dtype is not None):
-            # folded (re-parameterized) models carry their vocabulary
-            args = (images,) if getattr(self.model, "folded_vocab", None) is not None else (images, self.text)
-            boxes, scores = self.model(*args)
+            boxes, scores = self.model(images)
             dets = nms_detections(boxes, scores, score_thr=inf.score_threshold, iou_thr=inf.nms_iou,
                                   pre_nms_topk=inf.pre_nms_topk, max_det=inf.max_dets_per_image)
         size = tuple(images.shape[2:])
