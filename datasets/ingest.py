@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from yworld.datasets.formats import (
-    DEFAULT_SOURCE, FORMATS, ImageEntry, Parsed, Rejects, build_record, load_image_bytes, reader,
+    DEFAULT_SOURCE, FORMATS, MAX_IMAGE_PIXELS, ImageEntry, Parsed, Rejects, build_record, load_image_bytes, reader,
 )
 from yworld.datasets.manifest import Manifest, ShardInfo, write_manifest
 from yworld.datasets.storage import (
@@ -56,6 +56,9 @@ class IngestConfig:
     max_images: int = 0  # 0 = all; otherwise only the first N images (a quick look at a huge set)
     min_image_size: int = 32  # drop images whose shorter side is smaller (ref: yolo-world.md §3 "min_size=32"); LVIS keeps all
     parallelism: int = 0  # shard tasks in flight; 0 = twice the cluster's CPUs
+    # Images with more pixels are rejected from their header, before decoding (a few-KB file can declare a
+    # 100k x 100k image that would take tens of GB to decode).
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         # Accept a single string where a list is expected (Python callers, one-file sources).
@@ -65,6 +68,10 @@ class IngestConfig:
                 object.__setattr__(self, name, [value])
             else:
                 object.__setattr__(self, name, [str(v) for v in value])
+        for name, low in (("shard_size", 1), ("row_group_size", 1), ("max_images", 0), ("min_image_size", 0),
+                          ("parallelism", 0), ("max_image_pixels", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be >= {low}")
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -76,10 +83,6 @@ class IngestConfig:
                               "annotation files; give one folder, or one per annotation file")
         if not self.out:
             raise ConfigError("ingest.out is empty; give the output URL (--out s3://bucket/prefix or a folder)")
-        if self.shard_size < 1:
-            raise ConfigError(f"ingest.shard_size must be >= 1, got {self.shard_size}")
-        if self.row_group_size < 1:
-            raise ConfigError(f"ingest.row_group_size must be >= 1, got {self.row_group_size}")
         if self.format == "lvis" and len(self.annotations) != 1:
             raise ConfigError("ingest.format lvis takes exactly one annotation file (the evaluation GT)")
         if self.class_texts and self.format not in ("coco", "lvis"):
@@ -177,7 +180,7 @@ def parse_sources(cfg: IngestConfig, storage: StorageOptions) -> tuple[Parsed, d
 def _plan_id(cfg: IngestConfig, entries: list[ImageEntry]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([cfg.format, cfg.source_name, cfg.shard_size, cfg.row_group_size, cfg.min_image_size,
-                         cfg.annotations, cfg.images, len(entries)]).encode())
+                         cfg.max_image_pixels, cfg.annotations, cfg.images, len(entries)]).encode())
     return h.hexdigest()
 
 
@@ -285,7 +288,7 @@ def ingest(cfg: IngestConfig, storage: StorageOptions | None = None, progress: b
 
     plan = _plan_id(cfg, parsed.entries)
     chunks = [parsed.entries[i: i + cfg.shard_size] for i in range(0, len(parsed.entries), cfg.shard_size)]
-    jobs = [(i, chunk, cfg.out, _shard_key(plan, chunk), storage, min_size, cfg.row_group_size)
+    jobs = [(i, chunk, cfg.out, _shard_key(plan, chunk), storage, min_size, cfg.row_group_size, cfg.max_image_pixels)
             for i, chunk in enumerate(chunks)]
     _retract_outdated_manifest(cfg, storage, plan)
     started_ray = _ensure_ray()
@@ -350,7 +353,7 @@ def _sha256(data: bytes) -> str:
 
 
 def write_shard(index: int, entries: list[ImageEntry], out_url: str, key: str, storage: StorageOptions,
-                min_image_size: int, row_group_size: int) -> dict:
+                min_image_size: int, row_group_size: int, max_image_pixels: int = MAX_IMAGE_PIXELS) -> dict:
     """Build and write one shard (a Ray task), or verify and keep it when an earlier run finished it."""
     import pyarrow.parquet as pq
 
@@ -373,7 +376,7 @@ def write_shard(index: int, entries: list[ImageEntry], out_url: str, key: str, s
             img_fs, img_root = roots[entry.images_root]
             with storage_errors(entry.images_root, storage):
                 data = load_image_bytes(img_fs, img_root, entry)
-            rec = build_record(entry, data, rejects, min_image_size)
+            rec = build_record(entry, data, rejects, min_image_size, max_image_pixels)
             if rec is None:
                 rejected_images.append(entry.image_id)
             else:
@@ -449,6 +452,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=IngestConfig.shard_size, metavar="N")
     parser.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images")
     parser.add_argument("--min-image-size", type=int, default=IngestConfig.min_image_size, metavar="PX")
+    parser.add_argument("--max-image-pixels", type=int, default=IngestConfig.max_image_pixels, metavar="N",
+                        help="reject images with more pixels, before decoding them (default %(default)s)")
     parser.add_argument("--parallelism", type=int, default=0, metavar="N", help="shard tasks in flight")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_storage_arguments(parser)
@@ -458,7 +463,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = IngestConfig(format=args.format, annotations=args.annotations, images=args.images, out=args.out,
                        class_texts=args.class_texts, source=args.source, shard_size=args.shard_size,
                        max_images=args.max_images, min_image_size=args.min_image_size,
-                       parallelism=args.parallelism)
+                       parallelism=args.parallelism, max_image_pixels=args.max_image_pixels)
     summary = ingest(cfg, storage_from_args(args), progress=not args.no_progress)
     print(summary)
     return 0

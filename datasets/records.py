@@ -127,16 +127,28 @@ def decode_image(data: bytes) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def image_size_strict(data: bytes) -> tuple[int, int]:
-    """(width, height) of fully decoded image bytes; raises ValueError on a truncated or corrupt file.
+class ImageTooLarge(ValueError):
+    """The image header declares more pixels than allowed; raised before anything is decoded."""
+
+
+def image_size_strict(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) of fully decoded image bytes; raises ValueError on a truncated or corrupt file, and
+    ImageTooLarge (before decoding: a small file can declare a huge image) above `max_pixels`.
 
     PIL is strict about truncation (OpenCV silently returns a partly grey image), so ingest validates with it.
     """
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            if max_pixels and im.width * im.height > max_pixels:
+                raise ImageTooLarge(f"{im.width}x{im.height} is {im.width * im.height:,} pixels, above the limit "
+                                    f"of {max_pixels:,} (max_image_pixels)")
             im.load()
             return int(im.width), int(im.height)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own limit, hit while reading the header
+        raise ImageTooLarge(str(e)) from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ...
         raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from None

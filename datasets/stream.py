@@ -109,6 +109,12 @@ class StreamConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)} is a probability; use a value in [0, 1]")
         if not 0.0 <= self.affine_scale < 1.0:
             raise ConfigError(f"affine_scale: {self.affine_scale} must be in [0, 1) (scale 1 +- affine_scale)")
+        if not 0.0 <= self.translate <= 1.0:
+            raise ConfigError(f"translate: {self.translate} must be in [0, 1] (a fraction of the image size)")
+        if not all(0.0 <= g <= 1.0 for g in self.hsv):
+            raise ConfigError(f"hsv: {list(self.hsv)} must be three gains in [0, 1] (hue, saturation, value)")
+        if self.min_box_size < 0 or (self.seed is not None and self.seed < 0):
+            raise ConfigError(f"min_box_size ({self.min_box_size}) and seed ({self.seed}) must be >= 0")
         if self.window < 4:
             raise ConfigError(f"window: {self.window} must be >= 4 (a mosaic needs 4 images)")
         for name, low in (("max_texts", 1), ("close_mosaic_epochs", 0), ("shuffle_buffer", 0),

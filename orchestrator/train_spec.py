@@ -16,6 +16,7 @@ from yworld.datasets.stream import StreamConfig
 from yworld.model.optim import OFFICIAL_WARMUP_BIAS
 from yworld.orchestrator.eval.job import TrainEvalSpec
 from yworld.orchestrator.pseudo_label.job import PseudoLabelSpec
+from yworld.orchestrator.spec import check_folder_name, check_range
 from yworld.orchestrator.strategy import StrategyConfig
 
 __all__ = ["ModelSpec", "OptimSpec", "LossSpec", "TrainSpec", "ScalingSpec", "CheckpointSpec", "MetricsSpec",
@@ -69,6 +70,10 @@ class OptimSpec:
             raise ValueError("lr must be > 0, weight_decay and grad_clip >= 0, final_lr_factor in (0, 1]")
         if self.norm_decay_mult < 0 or self.bias_decay_mult < 0 or self.warmup_bias_lr < 0:
             raise ValueError("norm_decay_mult, bias_decay_mult and warmup_bias_lr must be >= 0")
+        for name in ("betas", "momentum", "warmup_momentum"):
+            check_range(self, name, 0, 1, high_open=True)
+        check_range(self, "warmup_epochs", 0)
+        check_range(self, "warmup_min_steps", 0)
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,10 @@ class LossSpec:
     dfl_weight: float = 1.5
     mask_padding: bool = False
     image_text_box_loss: bool = False  # paper: lambda_I = 0 for image-text samples
+
+    def __post_init__(self):
+        for name in ("cls_weight", "box_weight", "dfl_weight"):
+            check_range(self, name, 0)
 
 
 @dataclass(frozen=True)
@@ -95,10 +104,17 @@ class TrainSpec:
     ema_decay: float = 0.9999  # mmyolo ExpMomentumEMA momentum 1e-4 (ref: yolo-world.md §3 "Optimizer")
     ema_tau: float = 2000.0
     seed: int = 0
+    # Divergence stop: a run whose loss or gradient norm is non-finite for this many optimizer steps in a row
+    # stops (seen at the next metrics report) and writes no further checkpoint and no final/.
+    max_nonfinite_steps: int = 3
 
     def __post_init__(self):
         if self.epochs < 1 or self.global_batch < 1 or self.batch_per_worker < 1 or self.max_steps < 0:
             raise ValueError("epochs, global_batch and batch_per_worker must be >= 1, max_steps >= 0")
+        check_range(self, "ema_decay", 0, 1, high_open=True)
+        check_range(self, "ema_tau", 0, low_open=True)
+        check_range(self, "seed", 0)
+        check_range(self, "max_nonfinite_steps", 1)
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,8 @@ class ScalingSpec:
         low, high = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
         if not 1 <= low <= high:
             raise ValueError(f"num_workers: need 1 <= min <= max, got {self.num_workers}")
+        check_range(self, "cpus_per_worker", 0, low_open=True)
+        check_range(self, "resize_interval_s", 0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -152,6 +170,12 @@ class SyntheticSpec:
     img_size: int = 256
     shard_size: int = 64
 
+    def __post_init__(self):
+        check_range(self, "seed", 0)
+        check_range(self, "num_images", 1)
+        check_range(self, "img_size", 32)
+        check_range(self, "shard_size", 1)
+
 
 @dataclass(frozen=True)
 class PrepareSpec:
@@ -184,8 +208,7 @@ class TrainJob:
     pseudo_label: PseudoLabelSpec | None = None
 
     def __post_init__(self):
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name: {self.name!r} must be a non-empty folder name (no '/')")
+        check_folder_name(self.name, "name")
         workers = self.scaling.num_workers
         if self.strategy.kind == "deepspeed" and not isinstance(workers, int) and workers[0] != workers[1]:
             # ZeRO optimizer shards load only at the data-parallel size that wrote them (strategy.py)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from yworld.datasets.records import Record, image_size_strict
+from yworld.datasets.records import ImageTooLarge, Record, image_size_strict
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ IMAGE_UNDECODABLE = "image_undecodable"
 IMAGE_SIZE_MISMATCH = "image_size_mismatch"  # decoded size differs from the annotation: boxes would be misplaced
 IMAGE_TOO_SMALL = "image_too_small"  # shorter side < min_image_size (ref: yolo-world.md §3 "min_size=32")
 IMAGE_NO_BOXES = "image_no_boxes"  # grounding / image-text image with no usable phrase left
-IMAGE_MALFORMED = "image_malformed"  # image entry without id or file name
-IMAGE_DUPLICATE = "image_duplicate_id"
+IMAGE_MALFORMED = "image_malformed"  # image entry without a usable id (64-bit integer or text) or file name
+IMAGE_DUPLICATE = "image_duplicate_id"  # ids compare as text: 2 and "2" are the same image
+IMAGE_PATH_UNSAFE = "image_path_outside_root"  # file_name leaving the images folder ("../x.jpg") or not text
+IMAGE_TOO_LARGE = "image_too_large"  # more pixels than max_image_pixels: refused before it is decoded
 BOX_MALFORMED = "box_malformed"  # bbox is not four finite numbers
 BOX_EMPTY = "box_empty"  # width or height <= 0 (empty or negative size)
 BOX_TOO_SMALL = "box_too_small"  # width or height < 1 px
@@ -47,6 +50,45 @@ ANN_UNKNOWN_CATEGORY = "annotation_unknown_category"
 TOKENS_OUTSIDE = "tokens_positive_outside_caption"
 TOKENS_MISSING = "tokens_positive_missing"
 PHRASE_MISSING = "phrase_missing"  # CC3M annotation without a `tokens` phrase
+TEXT_INVALID = "text_invalid_unicode"  # a phrase that is not valid text (a lone surrogate such as U+D800)
+MAX_IMAGE_PIXELS = 50_000_000  # default pixel limit; the largest O365/COCO/Flickr/GQA images are < 10 MP
+_ID_LIMIT = 2**63  # ids are stored and evaluated as int64
+
+
+def valid_text(text: str) -> bool:
+    """True when `text` can be stored (UTF-8): a JSON string may hold a lone surrogate (U+D800 written as an
+    escape), which Arrow, tokenizers and every writer refuse."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def shown(value: Any) -> str:
+    """`value` for a reject example or an error line: as text when it is valid text, escaped otherwise."""
+    text = str(value)
+    return text if valid_text(text) else ascii(text)
+
+
+def normalize_id(value: Any) -> str | None:
+    """The text form of an image id, or None when it cannot be one. Ids are 64-bit integers or non-empty
+    strings, compared as text (records key images by `source/id`, so 2 and "2" are the same image)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value) if -_ID_LIMIT <= value < _ID_LIMIT else None
+    if isinstance(value, str) and value.strip() and valid_text(value):
+        return value
+    return None
+
+
+def inside_root(name: str) -> bool:
+    """Whether `name` (a file name relative to the images folder) stays inside it once resolved."""
+    if not valid_text(name) or "\x00" in name:
+        return False
+    resolved = posixpath.normpath(name.replace("\\", "/").lstrip("/"))
+    return resolved not in (".", "..") and not resolved.startswith("../")
 
 
 @dataclass
@@ -145,14 +187,18 @@ def check_box(bbox: Any, width: int, height: int) -> tuple[str | None, list[floa
     return None, [x1, y1, x2, y2]
 
 
-def build_record(entry: ImageEntry, data: bytes | None, rejects: Rejects, min_image_size: int = 0) -> Record | None:
+def build_record(entry: ImageEntry, data: bytes | None, rejects: Rejects, min_image_size: int = 0,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> Record | None:
     """Decode, validate and filter one image; None (and a counted reason) when the image is unusable."""
     where_img = f"{entry.annotations_name}: image {entry.image_id} ({entry.file_names[0]})"
     if data is None:
         rejects.add(IMAGE_MISSING, where_img)
         return None
     try:
-        width, height = image_size_strict(data)
+        width, height = image_size_strict(data, max_pixels=max_image_pixels)
+    except ImageTooLarge as e:
+        rejects.add(IMAGE_TOO_LARGE, f"{where_img}: {e}")
+        return None
     except ValueError as e:
         rejects.add(IMAGE_UNDECODABLE, f"{where_img}: {e}")
         return None
@@ -177,6 +223,9 @@ def build_record(entry: ImageEntry, data: bytes | None, rejects: Rejects, min_im
         reason, xyxy = check_box(c.bbox, width, height)
         if reason:
             rejects.add(reason, f"{where_box}: bbox {c.bbox}")
+            continue
+        if not all(valid_text(t) for t in c.text):  # would abort the whole shard when written
+            rejects.add(TEXT_INVALID, f"{where_box}: text {list(c.text)!r}")
             continue
         # Texts only for kept boxes: a phrase whose box was dropped would otherwise become a "negative"
         # for an object that is actually in the picture.
@@ -239,7 +288,8 @@ def reader(format: str) -> Callable[..., Parsed]:
     return importlib.import_module(f"yworld.datasets.formats.{format}").parse
 
 
-def read_records(parsed: Parsed, storage=None, min_image_size: int = 0) -> Iterator[Record]:
+def read_records(parsed: Parsed, storage=None, min_image_size: int = 0,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Record]:
     """Records of a parsed annotation file, read one by one in this process (tests, small data).
     Rejected images and boxes are added to `parsed.rejects`."""
     from yworld.datasets.storage import filesystem
@@ -249,6 +299,7 @@ def read_records(parsed: Parsed, storage=None, min_image_size: int = 0) -> Itera
         if entry.images_root not in roots:
             roots[entry.images_root] = filesystem(entry.images_root, storage)
         fs, root = roots[entry.images_root]
-        rec = build_record(entry, load_image_bytes(fs, root, entry), parsed.rejects, min_image_size)
+        rec = build_record(entry, load_image_bytes(fs, root, entry), parsed.rejects, min_image_size,
+                           max_image_pixels)
         if rec is not None:
             yield rec

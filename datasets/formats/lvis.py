@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from yworld.datasets.formats import Parsed, Rejects
-from yworld.datasets.formats.coco import category_texts, entries_from_coco, require_coco_lists
+from yworld.datasets.formats import IMAGE_MALFORMED, Parsed, Rejects, shown, valid_text
+from yworld.datasets.formats.coco import check_categories, category_texts, entries_from_coco, require_coco_lists
 from yworld.model.errors import DataError
 
 GT_FILE = "lvis_gt.json"
@@ -36,15 +36,29 @@ def parse(data: dict, *, annotations_name: str, images_root: str, source: str = 
     rejects = rejects if rejects is not None else Rejects()
     require_coco_lists(data, annotations_name, ("images", "annotations", "categories"))
     categories = data["categories"]
+    check_categories(categories, annotations_name)
+    for i, c in enumerate(categories):
+        synonyms = c.get("synonyms", [])
+        if not isinstance(synonyms, list) or not all(isinstance(s, str) and valid_text(s) for s in synonyms):
+            raise DataError(f"{annotations_name}: categories[{i}] (id={c['id']}): 'synonyms' must be a list of "
+                            f"strings, got {shown(repr(synonyms))[:60]}; fix the annotation file")
     bad = [c.get("id") for c in categories if c.get("frequency") not in FREQUENCIES]
     if bad:
         raise DataError(f"{annotations_name}: categories {bad[:5]} have no LVIS 'frequency' (r/c/f); "
                         "use --format coco for non-LVIS files")
     texts = category_texts(categories, class_texts if class_texts is not None else synonym_texts(categories),
                            annotations_name, class_texts_name)
-    entries, n_ann = entries_from_coco(data, annotations_name=annotations_name, images_root=images_root,
-                                       source=source, id_prefix=id_prefix, texts_by_category=texts,
-                                       rejects=rejects)
+    # LVIS image ids are integers: the evaluation (lvis-api, ours) indexes them as int64
+    images = []
+    for i, img in enumerate(data["images"]):
+        if isinstance(img, dict) and type(img.get("id")) is not int:
+            rejects.add(IMAGE_MALFORMED, f"{annotations_name}: images[{i}] has id {shown(repr(img.get('id')))[:40]}; "
+                                         f"LVIS image ids are integers")
+        else:
+            images.append(img)
+    entries, n_ann = entries_from_coco(dict(data, images=images), annotations_name=annotations_name,
+                                       images_root=images_root, source=source, id_prefix=id_prefix,
+                                       texts_by_category=texts, rejects=rejects)
     frequency = {int(c["id"]): c["frequency"] for c in categories}
     extra = {
         "category_ids": sorted(texts),
@@ -62,7 +76,11 @@ def restrict_gt(data: dict, keep_image_ids: set[Any]) -> dict:
     """The GT with only the given (original) image ids and their annotations, for evaluating exactly
     the images that were ingested (a missing image would otherwise count its boxes as misses)."""
     out = dict(data)
-    out["images"] = [img for img in data["images"] if isinstance(img, dict) and img.get("id") in keep_image_ids]
+    firsts = {}  # an id given twice: the first image, as ingest keeps it
+    for img in data["images"]:
+        if isinstance(img, dict) and type(img.get("id")) is int and img["id"] in keep_image_ids:
+            firsts.setdefault(img["id"], img)
+    out["images"] = list(firsts.values())
     out["annotations"] = [a for a in data["annotations"]
                           if isinstance(a, dict) and a.get("image_id") in keep_image_ids]
     return out

@@ -25,6 +25,7 @@ import numpy as np
 
 from yworld.datasets.storage import StorageOptions, filesystem, join
 from yworld.model.errors import ConfigError, DataError, WeightsError
+from yworld.orchestrator.spec import check_folder_name, check_range
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class InferenceSpec:
             raise ValueError("batch_size, num_actors, max_dets_per_image must be >= 1 and cpus_per_actor > 0")
         if not 0 <= self.score_threshold < 1 or not 0 < self.nms_iou <= 1:
             raise ValueError("score_threshold must be in [0, 1) and nms_iou in (0, 1]")
+        check_range(self, "pre_nms_topk", 1)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class EvalJob:
 
     def __post_init__(self):
         _check_protocols(self.protocols, self.dataset.format)
+        check_folder_name(self.name, "name")
         if not self.model:
             raise ValueError("model: give the weights to evaluate (a .safetensors file or a checkpoint folder)")
 
@@ -147,6 +150,7 @@ class TrainEvalSpec:
 
     def __post_init__(self):
         _check_protocols(self.protocols, self.dataset.format)
+        check_folder_name(self.name, "name")
 
 
 # ------------------------------------------------------------------------------------------ inference
