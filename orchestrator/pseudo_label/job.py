@@ -19,6 +19,7 @@ what a train job's `data.sources` reads), `stats.json`, `report.md`, `histograms
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ from yworld.datasets.ingest import DONE_DIR, IngestConfig, finished_shard, inges
 from yworld.datasets.storage import (
     StorageOptions, filesystem, join, probe, read_bytes, storage_errors, write_bytes_atomic,
 )
-from yworld.model.errors import ConfigError, DataError
+from yworld.model.errors import ConfigError, DataError, YWorldError
 from yworld.orchestrator.pseudo_label.detect import LabellerSpec, Labeller, load_images
 from yworld.orchestrator.pseudo_label.filters import FilterSpec
 from yworld.orchestrator.pseudo_label.noun_phrases import PhraseSpec, add_phrases
@@ -197,25 +198,55 @@ def _dataset(rows: list[dict], spec: PseudoLabelSpec, weights: str, text_encoder
 
     lab, res = spec.labeller, spec.rescore
     # Blocks of at most 256 rows (a letterboxed 640 px block is then ~300 MB), at least one labeller batch,
-    # and at least 4 per actor so every actor is busy and finished shards reach the driver steadily.
-    per_block = max(lab.batch_size, min(256, -(-len(rows) // (4 * lab.num_actors))))
+    # and at least 8 per actor so every actor is busy and finished shards reach the driver steadily.
+    per_block = max(lab.batch_size, min(256, -(-len(rows) // (8 * lab.num_actors))))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_block)))
     ds = ds.map_batches(add_phrases, batch_size=spec.phrases.batch_size, batch_format="numpy",
                         fn_kwargs=dict(spec=spec.phrases, class_texts=class_texts))
     ds = ds.map_batches(load_images, batch_size=lab.batch_size, batch_format="numpy",
                         fn_kwargs=dict(img_size=lab.img_size, storage=storage, keep_bytes=bool(res.clip)))
-    ds = ds.map_batches(Labeller, batch_size=lab.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=lab.num_actors),
+    # Without CLIP, scoring and filtering are cheap: they run in the labeller's actor (a task-pool stage of
+    # their own would cost a worker start-up and a round trip per block for a few milliseconds of work).
+    ds = ds.map_batches(Labeller if res.clip else _DetectorScoredLabeller, batch_size=lab.batch_size,
+                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=lab.num_actors),
                         num_gpus=1 if lab.use_gpu else 0, num_cpus=lab.cpus_per_actor,
                         fn_constructor_kwargs=dict(spec=lab, weights=weights, text_encoder=text_encoder,
-                                                   storage=storage))
-    if res.clip:
-        return ds.map_batches(ClipRescorer, batch_size=res.batch_size, batch_format="numpy",
-                              compute=ray.data.ActorPoolStrategy(size=res.num_actors),
-                              num_gpus=1 if res.use_gpu else 0, num_cpus=res.cpus_per_actor,
-                              fn_constructor_kwargs=dict(spec=res, filters=spec.filters))
-    return ds.map_batches(score_with_detector, batch_size=lab.batch_size, batch_format="numpy",
-                          fn_kwargs=dict(filters=spec.filters))
+                                                   storage=storage, **({} if res.clip else {"filters": spec.filters})))
+    if not res.clip:
+        return ds
+    return ds.map_batches(ClipRescorer, batch_size=res.batch_size, batch_format="numpy",
+                          compute=ray.data.ActorPoolStrategy(size=res.num_actors),
+                          num_gpus=1 if res.use_gpu else 0, num_cpus=res.cpus_per_actor,
+                          fn_constructor_kwargs=dict(spec=res, filters=spec.filters))
+
+
+class _DetectorScoredLabeller(Labeller):
+    """The labeller, then the detector's own scores and the filters, in one Ray Data actor."""
+
+    def __init__(self, *, filters: FilterSpec, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return score_with_detector(super().__call__(batch), self.filters)
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """A YWorldError raised in a Ray Data task or actor (a bad model path, a missing CLIP) reaches the user as
+    its own one line, not as Ray's wrapped remote traceback."""
+    try:
+        yield
+    except YWorldError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only re-raised, possibly as its YWorldError cause
+        seen, cause = set(), e
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, YWorldError):
+                raise cause from None
+            seen.add(id(cause))
+            cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
+        raise
 
 
 _OUT_COLUMNS = ("shard", "index", "file_name", "caption", "status", "phrases", "width", "height", "result")
@@ -254,7 +285,8 @@ def _label_shards(spec, pairs, plan, weights, text_encoder, class_texts, labels_
             for i in pending for j, (image, caption) in enumerate(chunks[i])]
     collected: dict[int, list[dict]] = {i: [] for i in pending}
     ds = _dataset(rows, spec, weights, text_encoder, class_texts, storage)
-    with tqdm(total=len(rows), unit="img", desc="pseudo-label", disable=not spec.progress) as bar:
+    with tqdm(total=len(rows), unit="img", desc="pseudo-label", disable=not spec.progress) as bar, \
+            _one_line_errors():
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for k in range(len(batch["shard"])):
                 row = {c: batch[c][k] for c in _OUT_COLUMNS}

@@ -151,3 +151,13 @@ def test_spec_validation_is_one_line(tmp_path):
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     with pytest.raises(ConfigError, match="labeller.model: give the detector's weights"):
         load_spec(_write(tmp_path, base.replace("labeller: {model: m.safetensors}\n", "")))
+
+
+def test_submit_checks_the_output_like_other_jobs():
+    """`yworld submit` validates a pseudo_label spec like any other: its output must outlive the job."""
+    from yworld.orchestrator.spec import load_spec
+    from yworld.orchestrator.submit import durable_path_problem
+
+    assert durable_path_problem(load_spec("pseudo_label_cc3m")) is None
+    problem = durable_path_problem(load_spec("pseudo_label_cc3m", ["output=runs/pseudo"]))
+    assert problem.startswith("output: 'runs/pseudo' is a relative path")
