@@ -43,7 +43,8 @@ SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
 @dataclass(frozen=True)
 class IngestConfig:
     """One ingest (YAML `ingest:` section). `annotations[i]` pairs with `images[i]` (or a single `images`
-    folder for all): GoldG is GQA + Flickr30k, two files with two image folders, one source."""
+    folder for all): several files of one dataset become one source (GoldG's GQA and Flickr30k are two
+    datasets, so two ingests: jobs/ingest_goldg.yaml)."""
 
     format: str = "coco"  # coco | mdetr | cc3m | lvis
     annotations: list[str] = field(default_factory=list)  # URLs of annotation JSON files
