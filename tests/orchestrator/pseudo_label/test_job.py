@@ -124,13 +124,14 @@ def test_resume_after_a_kill_ends_with_the_same_output(labelled, world, ray_sess
     finally:
         proc.send_signal(signal.SIGKILL)  # no clean-up of any kind, like a lost node or an OOM kill
         proc.wait()
-    finished_before = len(list(done.iterdir()))
-    assert 1 <= finished_before < SHARDS
+    finished_before = len([p for p in done.iterdir() if not p.name.startswith(".")])  # not a killed writer's tmp
+    # Killed after some shards (or, on a fast machine, after all of them) and before the merge
+    assert 1 <= finished_before <= SHARDS
     assert not (out / "pseudo_labels.json").exists()
 
     job = _job(_spec_dict(world, out))
     resumed = label(job, job.storage)
-    assert resumed.stats["shards_skipped"] >= finished_before
+    assert resumed.stats["shards_skipped"] == finished_before  # verified by sha256, not relabelled
     assert resumed.stats["images_labelled"] == GOOD
     assert Path(resumed.json).read_bytes() == Path(labelled.json).read_bytes()
     again = label(job, job.storage)  # idempotent: nothing left to do
