@@ -1,20 +1,25 @@
 """Training-step throughput through Ray Train + our strategy vs a plain single-process PyTorch loop, same run.
 
-Both sides train the same network (default YOLO-World v2-S at 320 px on CPU) on the same fixed batch, with the
-same work per optimizer step: forward, the YOLO-World loss (TAL), backward, grad-clip 10, AdamW, EMA update.
-The Ray side is what `yworld run` executes per step: a `TorchTrainer` worker, `make_strategy` (DDP through
-`ray.train.torch.prepare_model`, or DeepSpeed), `strategy.micro_step/autocast/backward/step`, and a
-`ray.train.report` every `--report-every` steps. The baseline is a bare loop in a fresh Python process of
-its own (like the Ray worker: neither shares a process with Ray's driver). Rounds alternate (plain, Ray,
-plain, Ray, ...) so load drift on a shared machine hits both; each round's median step time after warm-up
-is taken, then the median over rounds. Prints images/s of each and the ratio Ray / plain (Ray's overhead;
-goal >= 0.9). Thread counts and OpenMP settings are the same on both sides.
+Both sides run the SAME step, `yworld.orchestrator.train_step.TrainStep` (what `yworld run` executes per
+optimizer step: uint8 images to the device, forward, YOLO-World loss (TAL), backward, grad-clip 10, AdamW,
+EMA update, metrics kept on the device), on the same network (default YOLO-World v2-S at 320 px on CPU) and
+the same fixed batch, with `make_strategy` (DDP, or DeepSpeed on the Ray side). The Ray side runs it in a
+`TorchTrainer` worker with a `ray.train.report` (and the metrics' one host read) every `--report-every`
+steps; the baseline in a fresh Python process of its own (like the Ray worker: neither shares a process
+with Ray's driver). Rounds alternate (plain, Ray, plain, Ray, ...) so load drift on a shared machine hits
+both; each round's median step time after warm-up is taken, then the median over rounds. Prints images/s of
+each and the ratio Ray / plain (Ray's overhead; goal >= 0.9). Thread counts and OpenMP settings are the same
+on both sides. Text embeddings are fixed random CLIP-sized vectors (no text tower in the measurement).
 
     .venv/bin/python bench/train_step.py [--model yolo_world_v2_s] [--img-size 320] [--batch 8]
-        [--steps 16] [--warmup 5] [--rounds 3] [--threads 2] [--strategy ddp|deepspeed] [--precision fp32|fp16|bf16] [--gpu]
+        [--steps 16] [--warmup 5] [--rounds 3] [--threads 2] [--strategy ddp|deepspeed]
+        [--precision fp32|fp16|bf16] [--channels-last] [--gpu]
 
 With `--gpu` (CUDA): the Ray side uses one GPU worker; e.g. `--model yolo_world_v2_l --img-size 640
 --batch 16 --precision bf16 --gpu` gives v2-L images/s/GPU (official run: ~25 images/s per V100).
+`--channels-last` runs both sides with NHWC activations (`strategy.channels_last`). `--sync-check` (CUDA)
+counts the host-device synchronisations of every step after warm-up with `torch.cuda.set_sync_debug_mode`
+(expected: 0 for DDP fp32/bf16; fp16's GradScaler and DeepSpeed's overflow check add their own).
 """
 from __future__ import annotations
 
@@ -48,19 +53,21 @@ import torch  # noqa: E402
 from yworld.model import build_model  # noqa: E402
 from yworld.model.ema import ModelEMA  # noqa: E402
 from yworld.model.loss import YOLOWorldLoss  # noqa: E402
-from yworld.model.optim import build_optimizer  # noqa: E402
+from yworld.model.optim import WarmupLinearSchedule, build_optimizer  # noqa: E402
+from yworld.orchestrator.strategy import StrategyConfig, make_strategy, plan_accumulation  # noqa: E402
+from yworld.orchestrator.train_step import TrainStep  # noqa: E402
 
-TEXT_DIM, NUM_TEXTS = 512, 80  # CLIP ViT-B/32 embeddings, the training vocabulary size (ref: yolo-world.md §2)
+TEXT_DIM, NUM_TEXTS = 512, 80  # CLIP ViT-B/32 embeddings, the training vocabulary size
 
 
 def make_batch(batch: int, img_size: int, seed: int = 0) -> dict:
-    """A fixed batch: random images, L2-normalised text embeddings, 6 boxes per image with labels."""
+    """A fixed collated batch (what the stream gives a worker): uint8 images, 6 boxes per image with labels."""
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(batch, 6, 2, generator=g) * img_size * 0.6
     wh = 16 + torch.rand(batch, 6, 2, generator=g) * img_size * 0.3
     return {
-        "images": torch.rand(batch, 3, img_size, img_size, generator=g),
-        "text_embeds": torch.nn.functional.normalize(torch.randn(batch, NUM_TEXTS, TEXT_DIM, generator=g), dim=-1),
+        "images": torch.randint(0, 256, (batch, 3, img_size, img_size), dtype=torch.uint8, generator=g),
+        "texts": [[f"text {i}" for i in range(NUM_TEXTS)]] * batch,
         "gt_boxes": torch.cat([xy, (xy + wh).clamp(max=img_size - 1)], dim=-1),
         "gt_labels": torch.randint(0, 20, (batch, 6), generator=g),
         "gt_mask": torch.ones(batch, 6, dtype=torch.bool),
@@ -69,44 +76,84 @@ def make_batch(batch: int, img_size: int, seed: int = 0) -> dict:
     }
 
 
-def _targets(batch: dict, device) -> dict:
-    return {k: batch[k].to(device) for k in ("gt_boxes", "gt_labels", "gt_mask", "text_mask", "is_image_text")}
+class FixedTexts:
+    """Stands in for the frozen text encoder: the same L2-normalised embeddings for every batch."""
+
+    def __init__(self, batch: int, device):
+        g = torch.Generator().manual_seed(1)
+        self.embeds = torch.nn.functional.normalize(torch.randn(batch, NUM_TEXTS, TEXT_DIM, generator=g), dim=-1)
+        self.embeds = self.embeds.to(device)
+
+    def encode_batch(self, texts):
+        return self.embeds
+
+
+def build_step(args, device) -> TrainStep:
+    """The training step of `yworld run`, for one worker of `world` with this run's strategy."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    model = build_model(args.model, text_dim=TEXT_DIM)
+    ema = ModelEMA(model)
+    optimizer = build_optimizer(model, lr=2e-3, weight_decay=0.2)
+    cfg = StrategyConfig(kind=args.strategy, precision=args.precision, channels_last=args.channels_last)
+    strategy = make_strategy(cfg, model, optimizer, plan_accumulation(args.batch, world, args.batch), 10.0, device)
+    ema.module.to(device)
+    strategy.model.train()
+    schedule = WarmupLinearSchedule.from_epochs(strategy.optimizer, 1, 10**6, warmup_epochs=0, min_warmup_steps=0)
+    loss_fn = YOLOWorldLoss("tal", batch_scale="images_x_world", check_targets=False)
+    return TrainStep(strategy=strategy, loss_fn=loss_fn, text_encoder=FixedTexts(args.batch, device), ema=ema,
+                     schedule=schedule, device=device)
 
 
 def _median_after_warmup(times: list[float], warmup: int) -> float:
     return statistics.median(times[warmup:] if len(times) > warmup else times)
 
 
-def plain_loop(args) -> float:
-    """Median seconds per step of a bare PyTorch loop in this process."""
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    device = torch.device("cuda" if args.gpu else "cpu")
-    model = build_model(args.model, text_dim=TEXT_DIM).to(device).train()
-    optimizer = build_optimizer(model, lr=2e-3, weight_decay=0.2)
-    ema = ModelEMA(model)
-    loss_fn = YOLOWorldLoss("tal", batch_scale="images_x_world", world_size=1)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
+def run_steps(args, device, report=None) -> float:
+    """Median seconds per optimizer step (the device synchronised around each, for the timing only)."""
+    step_fn = build_step(args, device)
     batch = make_batch(args.batch, args.img_size)
-    images, text, targets = batch["images"].to(device), batch["text_embeds"].to(device), _targets(batch, device)
-    times = []
-    for _ in range(args.steps):
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+    times, syncs = [], []
+    for step in range(args.steps):
         _sync(device)
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = model(images, text)
-        loss, _ = loss_fn(outputs, targets)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
+        if args.sync_check and device.type == "cuda" and step >= args.warmup:
+            syncs.append(_count_syncs(lambda: step_fn([batch], step)))
+        else:
+            step_fn([batch], step)
+        if report is not None and (step + 1) % args.report_every == 0:
+            report({"step": step + 1, **step_fn.window.read(world=1)})
         _sync(device)
         times.append(time.perf_counter() - t)
+    if syncs:
+        print(f"host-device syncs per step (torch.cuda sync debug mode, {len(syncs)} steps after warm-up): "
+              f"{syncs}", file=sys.stderr)
     return _median_after_warmup(times, args.warmup)
+
+
+def _count_syncs(fn) -> int:
+    """How many synchronising CUDA calls `fn` makes: torch.cuda.set_sync_debug_mode("warn") turns each into
+    a warning (a `.item()`, a blocking copy, `nonzero`, ...)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def plain_loop(args) -> float:
+    """Median seconds per step of the step in this process, without Ray."""
+    torch.set_num_threads(args.threads)
+    return run_steps(args, torch.device("cuda" if args.gpu else "cpu"))
 
 
 def plain_in_subprocess(args) -> float:
@@ -116,55 +163,29 @@ def plain_in_subprocess(args) -> float:
     argv = [sys.executable, os.path.abspath(__file__), "--plain-only", "--model", args.model, "--img-size",
             str(args.img_size), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
             str(args.warmup), "--threads", str(args.threads), "--precision", args.precision] + \
-        (["--gpu"] if args.gpu else [])
+        (["--gpu"] if args.gpu else []) + (["--channels-last"] if args.channels_last else []) + \
+        (["--sync-check"] if args.sync_check else [])
     # start_new_session: its own CPU-share group under the kernel's autogroup scheduling, as Ray's workers
     # have (in the driver's session it would share one CPU share with everything started from it).
     out = subprocess.run(argv, capture_output=True, text=True, check=True, env={**os.environ},
                          start_new_session=True)
+    for line in out.stderr.splitlines():
+        if line.startswith("host-device syncs"):
+            print(f"plain loop: {line}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def ray_worker_loop(config: dict) -> None:
-    """The Ray Train side: our strategy's step, exactly as orchestrator/train_loop.py calls it."""
+    """The Ray Train side: the same step inside a TorchTrainer worker, reporting like train_loop.py."""
     import ray.train
     import ray.train.torch
 
-    from yworld.orchestrator.strategy import StrategyConfig, make_strategy, plan_accumulation
-
     args = argparse.Namespace(**config)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    device = ray.train.torch.get_device()
-    model = build_model(args.model, text_dim=TEXT_DIM)
-    ema = ModelEMA(model)
-    optimizer = build_optimizer(model, lr=2e-3, weight_decay=0.2)
-    accumulation = plan_accumulation(args.batch, ray.train.get_context().get_world_size(), args.batch)
-    strategy = make_strategy(StrategyConfig(kind=args.strategy, precision=args.precision), model, optimizer,
-                             accumulation, grad_clip=10.0)
-    ema.module.to(device)
-    strategy.model.train()
-    loss_fn = YOLOWorldLoss("tal", batch_scale="images_x_world")
-    batch = make_batch(args.batch, args.img_size)
-    times = []
-    for step in range(args.steps):
-        _sync(device)
-        t = time.perf_counter()
-        images = batch["images"].to(device)
-        text, targets = batch["text_embeds"].to(device), _targets(batch, device)
-        with strategy.micro_step(last=True):
-            with strategy.autocast():
-                outputs = strategy.model(images.to(strategy.input_dtype), text.to(strategy.input_dtype))
-            loss, _ = loss_fn(outputs, targets)
-            strategy.backward(loss)
-        strategy.step()
-        ema.update(strategy.module)
-        _sync(device)
-        times.append(time.perf_counter() - t)
-        if (step + 1) % args.report_every == 0:
-            ray.train.report({"step": step + 1})
+    seconds = run_steps(args, ray.train.torch.get_device(), report=ray.train.report)
     if ray.train.get_context().get_world_rank() == 0:  # the bench runs on one machine: hand back via a file
         with open(args.result_file, "w") as f:
-            f.write(str(_median_after_warmup(times, args.warmup)))
+            f.write(str(seconds))
 
 
 def ray_loop(args) -> float:
@@ -205,6 +226,9 @@ def main() -> None:
     p.add_argument("--report-every", type=int, default=5)
     p.add_argument("--strategy", choices=["ddp", "deepspeed"], default="ddp")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--channels-last", action="store_true", help="NHWC activations (strategy.channels_last)")
+    p.add_argument("--sync-check", action="store_true",
+                   help="CUDA: count the host-device syncs of each step after warm-up (printed to stderr)")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)  # one plain round, print s/step
     args = p.parse_args()
@@ -228,7 +252,8 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.gpu else f"CPU {platform.processor() or platform.machine()}, " \
                                                            f"{args.threads} threads"
     print(f"# train step, {datetime.date.today()}, {where}: {args.model} at {args.img_size} px, batch {args.batch}, "
-          f"{args.precision}, {args.strategy}, {args.rounds} rounds x {args.steps} steps (median after "
+          f"{args.precision}, {args.strategy}{', channels-last' if args.channels_last else ''}, {args.rounds} "
+          f"rounds x {args.steps} steps (median after "
           f"{args.warmup} warm-up)")
     print(f"plain PyTorch loop   {ips_plain:8.2f} images/s   ({', '.join(f'{t:.3f}' for t in plain)} s/step)")
     print(f"Ray Train + strategy {ips_ray:8.2f} images/s   ({', '.join(f'{t:.3f}' for t in via_ray)} s/step)")
