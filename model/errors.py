@@ -24,3 +24,8 @@ class StorageError(YWorldError):
 
 class WeightsError(YWorldError):
     """Weights cannot be found or do not fit the model (missing file, key or shape mismatch)."""
+
+
+class DivergenceError(YWorldError):
+    """Training stopped because the loss or the weights stopped being finite (a learning rate too high, bad
+    data); the message names the step and the last good checkpoint."""

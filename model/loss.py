@@ -54,7 +54,9 @@ def distribution_focal_loss(dist_logits: Tensor, target: Tensor) -> Tensor:
 
     Cross-entropy towards the two bins around the target, weighted by the distance to each bin.
     """
-    left = target.long()
+    # A diverged model's NaN target must give a NaN loss (the divergence stop's signal), not an index of -2^63:
+    # the bin index is made safe, the weight keeps the NaN.
+    left = torch.nan_to_num(target, nan=0.0).long().clamp_(0, dist_logits.shape[-1] - 2)
     w_left = (left + 1).to(target.dtype) - target
     logp = F.log_softmax(dist_logits, dim=-1)
     lp_left = logp.gather(-1, left[..., None]).squeeze(-1)

@@ -33,8 +33,8 @@ from yworld.model.optim import WarmupLinearSchedule, build_optimizer
 from yworld.model.errors import DataError
 from yworld.model.text import TextEncoder
 from yworld.model.weights import load_weights
-from yworld.orchestrator.checkpoint import Progress, read_train_state, report_checkpoint, resume_directory, \
-    write_checkpoint, export_final
+from yworld.orchestrator.checkpoint import Progress, checkpoint_dir_name, read_train_state, report_checkpoint, \
+    resume_directory, write_checkpoint, export_final
 from yworld.orchestrator.strategy import make_strategy, plan_accumulation
 from yworld.orchestrator.train_step import TrainStep, memory_gb
 
@@ -100,6 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
     run_step = TrainStep(strategy=strategy, loss_fn=loss_fn, text_encoder=text_encoder, ema=ema,
                          schedule=schedule, device=device)
     window = run_step.window
+    divergence = _DivergenceStop(job, strategy.module, ema, device, world,
+                                 last_good=checkpoint_dir_name(progress.step) if resume is not None else None)
     strategy.model.train()
     for epoch in range(progress.epoch, job.train.epochs):
         if step >= total_steps:
@@ -124,6 +126,11 @@ def train_loop_per_worker(config: dict) -> None:
                            "world_size": world, "global_batch": accumulation.global_batch,
                            "accumulation_steps": accumulation.steps, "memory_gb": memory_gb(device),
                            **text_encoder.cache_stats(), "resumed_from_step": resumed_from}
+                # ---- divergence stop: every rank decides alike and returns; nothing non-finite is written
+                stopped = divergence.check(metrics, step, save)
+                if stopped:
+                    ray.train.report({**metrics, "diverged": stopped})
+                    return
                 if not save:
                     ray.train.report(metrics)
                     window.restart_clock()
@@ -133,6 +140,7 @@ def train_loop_per_worker(config: dict) -> None:
                     write_checkpoint(directory, rank=rank, module=strategy.module, ema=ema, strategy=strategy,
                                      progress=progress, meta=meta, spec_yaml=config["spec_yaml"])
                     report_checkpoint(metrics, directory, step)
+                    divergence.last_good = checkpoint_dir_name(step)
                 finally:
                     shutil.rmtree(directory, ignore_errors=True)
                 window.restart_clock()
@@ -157,6 +165,41 @@ def _epoch_batches(cfg, epoch: int, epochs: int, micro_batch: int, skip: int, pi
         log.warning("epoch %d: the stream ended after %d batches, before the planned steps; reading it again",
                     epoch, count + skip)
         skip = 0
+
+
+class _DivergenceStop:
+    """Stops a run whose loss or gradient norm stayed non-finite for `train.max_nonfinite_steps` optimizer
+    steps in a row, judged at each report from the step metrics' device-side counters (train_step.py: no
+    extra sync per step). Before a checkpoint of a window that had a non-finite step, the weights themselves
+    are checked (fp16 loss scaling skips such steps and the model is fine; fp32 / bf16 ones poison it). The
+    verdict is all-reduced, so every rank stops at the same report. `check` returns the one-line reason."""
+
+    def __init__(self, job, module: torch.nn.Module, ema, device: torch.device, world: int,
+                 last_good: str | None):
+        self.run, self.limit = job.name, job.train.max_nonfinite_steps
+        self.module, self.ema, self.device, self.world = module, ema, device, world
+        self.last_good = last_good  # the newest checkpoint folder known to hold a finite model
+
+    def check(self, metrics: dict, step: int, save: bool) -> str | None:
+        streak, current = metrics.get("max_nonfinite_streak", 0), metrics.get("nonfinite_streak", 0)
+        bad_weights = save and (metrics.get("nonfinite_steps", 0) > 0 or current > 0) and not self._finite()
+        verdict = torch.tensor([float(streak), float(bad_weights)], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
+        streak, bad_weights = (int(v) for v in verdict.tolist())
+        if streak < self.limit and not bad_weights:
+            return None
+        what = (f"the model's weights are no longer finite at step {step}" if streak < self.limit else
+                f"the loss or gradient norm was not finite for {streak} steps in a row (reported at step {step})")
+        resume = (f"last good checkpoint: {self.last_good}; lower optim.lr (or fix the data) and run the job "
+                  f"again to continue from it" if self.last_good else
+                  "no checkpoint was written before; lower optim.lr (or fix the data) and run the job again")
+        return f"run {self.run}: {what}; stopped without writing a checkpoint or final/; {resume}"
+
+    def _finite(self) -> bool:
+        modules = [self.module] + ([self.ema.module] if self.ema is not None else [])
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all().item())
 
 
 def _schedule_metrics(schedule) -> dict[str, float]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from yworld.datasets import storage as storage_lib
+from yworld.model.errors import DivergenceError
 from yworld.orchestrator.checkpoint import checkpoint_dir_name
 from yworld.orchestrator.spec import dump_spec
 from yworld.orchestrator.train_spec import TrainJob
@@ -140,6 +141,9 @@ def fit(job: TrainJob) -> TrainOutcome:
                        tensorboard=job.metrics.tensorboard) as monitor:
         trainer = build_trainer(job, datasets, plan, callbacks=[monitor.callback])
         result = trainer.fit()
+    diverged = next((r["diverged"] for r in reversed(monitor.history) if r.get("diverged")), None)
+    if diverged:  # the workers stopped together (train_loop.py _DivergenceStop); nothing was exported
+        raise DivergenceError(diverged)
     checkpoint = result.checkpoint
     steps = int((result.metrics or {}).get("step", monitor.last.get("step", 0)))
     if checkpoint is not None:
