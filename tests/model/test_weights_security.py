@@ -4,6 +4,7 @@ Real-format files (ultralytics' own `Model.save`, mmengine's checkpoint layout) 
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import sys
@@ -169,3 +170,64 @@ def test_mmengine_layout_checkpoint_loads(tmp_path, monkeypatch):
     assert report.dropped == ["backbone.text_model.model.text_projection.weight"]
     for key, value in source.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
+
+
+def _corrupt_our_format(tmp_path, case: str) -> str:
+    from yworld.model.weights import save_weights
+
+    good = save_weights(build_model("yolo_world_v2_tiny", text_dim=384), tmp_path / "good")
+    blob, meta = open(good, "rb").read(), json.loads((tmp_path / "good.json").read_text())
+    stem = tmp_path / case
+    tensors, sidecar = blob, json.dumps(meta)
+    if case == "truncated":
+        tensors = blob[:1000]
+    elif case == "garbage":
+        tensors = b"\x00garbage" * 10
+    elif case == "bad_json":
+        sidecar = "{not json"
+    elif case == "list_json":
+        sidecar = "[1, 2]"
+    elif case == "unknown_model":
+        sidecar = json.dumps(dict(meta, config=dict(meta["config"], name="yolo_world_v9_huge")))
+    elif case == "altered_widths":
+        sidecar = json.dumps(dict(meta, config=dict(meta["config"], widen=64.0)))
+    stem.with_suffix(".safetensors").write_bytes(tensors)
+    stem.with_suffix(".json").write_text(sidecar)
+    return str(stem.with_suffix(".safetensors"))
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("truncated", "truncated.safetensors is not a readable safetensors file"),
+    ("garbage", "garbage.safetensors is not a readable safetensors file"),
+    ("bad_json", "bad_json.json is not valid JSON"),
+    ("list_json", "list_json.json is not a yworld weights config"),
+    ("unknown_model", "config.name 'yolo_world_v9_huge' is not a known model"),
+    ("altered_widths", "config field(s) widen differ from model 'yolo_world_v2_tiny'"),
+])
+def test_bad_weights_files_are_one_cli_line(tmp_path, capsys, case, needle):
+    from PIL import Image
+
+    from yworld.orchestrator.cli import main as cli
+
+    weights = _corrupt_our_format(tmp_path, case)
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    rc = cli(["predict", weights, str(tmp_path / "a.png"), "--texts", "a", "--text-encoder", "minilm",
+              "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("yworld: error: ") and needle in err[0], err
+
+
+def test_malicious_weights_through_predict_cli(tmp_path, capsys):
+    from PIL import Image
+
+    from yworld.orchestrator.cli import main as cli
+
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": _RunsShell(f"touch {marker}")}, tmp_path / "evil.pth")
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    rc = cli(["predict", str(tmp_path / "evil.pth"), str(tmp_path / "a.png"), "--texts", "a", "--variant",
+              "yolo_world_v2_tiny", "--text-encoder", "minilm", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("yworld: error: ")]  # HF may draw a load bar
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "is refused: its pickle names posix.system" in lines[0] and not marker.exists()
