@@ -3,7 +3,8 @@
 Workers call `ray.train.report(metrics)` every `metrics.every_steps` optimizer steps. Ray Train V2 hands those
 reports to its controller (an actor), where `ForwardMetrics` (a Ray Train `UserCallback`) puts rank 0's dict
 on a `ray.util.queue.Queue`. The driver drains the queue in a thread (`DriverMonitor`): it moves the progress
-bar and writes every numeric metric as a TensorBoard scalar and a JSON line. Event files go straight into
+bar (on a terminal; in a log, such as a Jobs API job's, a line per ~10% of the run instead), prints a line per
+checkpoint, and writes every numeric metric as a TensorBoard scalar and a JSON line. Event files go straight into
 `{storage_path}/{run}/tensorboard/` for local storage; for object storage they are written to a local folder
 and uploaded there every `sync_every_s` seconds and at the end (TensorBoard itself only writes local files).
 """
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import queue as queue_lib
+import sys
 import tempfile
 import threading
 import time
@@ -73,6 +75,7 @@ class DriverMonitor:
                         else os.path.join(storage_lib.local_path(run_url), "tensorboard"))
         self._writer = None
         self._bar = None
+        self._next_line: int | None = None  # without a terminal: the step of the next progress line
         self._jsonl = None
         self._last_sync = time.monotonic()
 
@@ -84,11 +87,13 @@ class DriverMonitor:
             os.makedirs(self._tb_dir, exist_ok=True)
             self._writer = SummaryWriter(self._tb_dir)
             self._jsonl = open(os.path.join(self._tb_dir, "metrics.jsonl"), "a")
-        if self.progress:
+        if self.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", desc="train",
                              dynamic_ncols=True)
+        elif self.progress:  # a log (a Jobs API job, a redirect): a bar's every redraw would be a line there
+            self._next_line = self.start_step
         self._thread = threading.Thread(target=self._drain, name="yworld-metrics", daemon=True)
         self._thread.start()
         return self
@@ -144,6 +149,11 @@ class DriverMonitor:
             shown = {k: record[k] for k in ("loss", "lr", "images_per_s") if k in record}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
             self._bar.refresh()
+        elif self._next_line is not None and (step >= self._next_line or step >= self.total_steps):
+            shown = {k: record[k] for k in ("loss", "lr", "images_per_s") if k in record}
+            log.info("train: step %d/%d (%d%%), %s", step, self.total_steps, 100 * step // max(self.total_steps, 1),
+                     ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+            self._next_line = step + max(1, self.total_steps // 10)  # a line per ~10% of the run
         if "checkpoint" in record:  # one line per checkpoint, above the bar (or in the log without one)
             folder = str(record["checkpoint"]).rstrip("/").rsplit("/", 1)[-1]
             line = (f"checkpoint step {step}/{self.total_steps}, loss {record.get('loss', float('nan')):.4g}: "

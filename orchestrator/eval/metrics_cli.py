@@ -71,7 +71,10 @@ def format_rows(rows: list[dict], subtitle: str = "") -> str:
     for label in dict.fromkeys(r["protocol_label"] for r in rows):
         group = [r for r in rows if r["protocol_label"] == label]
         names = list(dict.fromkeys(k for r in group for k in r if k not in meta))
-        lines.append(label)
+        # a metric without data in every split (APl when no object is large) is named once, not printed as a row
+        empty = [n for n in names if all(r.get(n, -1) == -1 for r in group)]
+        names = [n for n in names if n not in empty]
+        lines.append(label + (f"; no data for {', '.join(empty)}" if empty else ""))
         lines.append("  " + " " * 14 + "".join(f"{r['split']:>10}" for r in group))
         for name in names:
             cells = "".join("       n/a" if r.get(name, -1) == -1 else f"{r[name]:10.4f}" for r in group)
