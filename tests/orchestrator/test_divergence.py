@@ -12,6 +12,7 @@ from yworld.orchestrator.cli import main as cli
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_diverging_run_stops_in_one_line_and_writes_nothing_non_finite(tiny_overrides, tmp_path, capsys):
     overrides = tiny_overrides("diverge", **{"optim.lr": 1e6, "optim.grad_clip": 0, "optim.warmup_min_steps": 0,
                                              "optim.warmup_epochs": 0, "checkpoint.every_steps": 2,
