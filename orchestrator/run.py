@@ -135,6 +135,10 @@ def main(args: argparse.Namespace) -> int:
             print(outcome.pseudo_label.format())
     elif job.kind in ("eval", "pseudo_label"):
         print(outcome.format())
+    elif job.kind == "eval-watch":
+        from yworld.orchestrator.eval.watch import summary
+
+        print(summary(job, outcome))
     return 0
 
 

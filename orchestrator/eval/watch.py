@@ -28,7 +28,7 @@ from yworld.orchestrator.spec import check_folder_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WatchJob", "CheckpointInfo", "list_checkpoints", "watch", "run_job", "add_arguments", "main"]
+__all__ = ["WatchJob", "CheckpointInfo", "list_checkpoints", "watch", "run_job", "summary", "add_arguments", "main"]
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,12 @@ def _heal_table(job: WatchJob, storage: StorageOptions, title: str) -> None:
         report.regenerate(job.eval_url, storage, title)
 
 
+def summary(job: WatchJob, evaluated: list[str]) -> str:
+    """The line a watcher ends with (`yworld eval-watch`, and `yworld run` of an eval-watch spec)."""
+    return f"evaluated {len(evaluated)} checkpoint(s): {', '.join(evaluated) or '-'}; report: " \
+           f"{join(job.eval_url, 'report.md')}"
+
+
 def run_job(job: WatchJob, address: str | None = None) -> list[str]:
     from yworld.orchestrator.run import init_ray
 
@@ -208,5 +214,5 @@ def main(args: argparse.Namespace) -> int:
     if job.kind != "eval-watch":
         raise ConfigError(f"{args.job}: kind: {job.kind!r}; `yworld eval-watch` runs kind: eval-watch specs")
     done = run_job(job, args.address)
-    print(f"evaluated {len(done)} checkpoint(s): {', '.join(done) or '-'}; report: {join(job.eval_url, 'report.md')}")
+    print(summary(job, done))
     return 0
