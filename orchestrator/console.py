@@ -10,11 +10,15 @@ in Ray's log files (`{session}/logs/`: worker-*.err, ray-train-*.log, ray-data.l
   exception in a worker is not chatter: its traceback still reaches the console (see tests/orchestrator/
   cluster/test_console.py). `RAY_DEDUP_LOGS=0` turns Ray's deduplicator, and with it this filter, off:
   the way to see everything Ray prints.
-- The console handlers of Ray's Python loggers on the driver (`ray`, `ray.data`) print WARNING and above; Ray Train's
-  controller and workers get the same level through `RunConfig(logging_config=...)` (trainer.py); Ray Data's
-  per-operator progress bars are replaced by our training bar (trainer.py `_quiet_ray_data`).
+- The console handlers of Ray's Python loggers on the driver (`ray`, `ray.data`) print WARNING and above,
+  without CHATTER; Ray Train's controller and workers get WARNING through `RunConfig(logging_config=...)`
+  (trainer.py); Ray Data's per-operator progress bars are replaced by our training bar (trainer.py).
 - Hugging Face's per-load progress bars ("Loading weights") on every Train worker are off
   (`HF_HUB_DISABLE_PROGRESS_BARS`, in the job's environment).
+- Every worker process points Ray's State API at its own cluster (`pin_ray_address`, a setup hook).
+What is left of Ray on a run's console: one C++ warning the driver's own core worker prints when Ray Data
+starts its evaluation actors (not forwarded, so no filter here reaches it), and Ray's two job-log header lines
+in a Jobs API job.
 
 `configure_ray_environment()` must run before `import ray` (Ray reads these variables when it is imported);
 run.py calls it at import, before anything else.
