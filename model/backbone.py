@@ -2,7 +2,7 @@
 
 Names follow mmyolo's `YOLOv8CSPDarknet`: `stem`, then `stage1`..`stage4`, each an `nn.Sequential` of
 [Conv 3x3 s2, C2f] with an SPPF appended to `stage4`. An official checkpoint's
-`backbone.image_model.<X>` is our `backbone.<X>` (ref: yolo-world.md §8).
+`backbone.image_model.<X>` is our `backbone.<X>` (docs/reference.md §4).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ prediction) gives NaN, and they work on [N, 4] x [M, 4] or equal-length [N, 4] p
 need IoU for a batch of padded ground truths against every anchor ([B, M, 4] x [B, A, 4]) and CIoU for a
 gathered list of pairs, both finite for any input. The CIoU here is the ultralytics `bbox_iou(CIoU=True)`
 form (eps on heights and the union, alpha without gradient), which is what the reference loss and
-assigner use (ref: eval-and-assignment.md §B6).
+assigner use (docs/reference.md §6.1).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """YOLOWorld: CSPDarknet backbone + RepVL-PAN neck + contrastive head.
 
-State-dict layout (so official checkpoints map by prefix only; ref: yolo-world.md §8):
+State-dict layout (so official checkpoints map by prefix only; docs/reference.md §4):
 official `backbone.image_model.X` -> `backbone.X`, `neck.X` -> `neck.X`, `bbox_head.head_module.X` -> `head.X`;
 official `backbone.text_model.*` is dropped (the text encoder lives outside the network).
 
@@ -24,7 +24,7 @@ from .neck import RepVLPAN
 
 
 def make_divisible(channels: float, widen: float, divisor: int = 8) -> int:
-    """ceil(c * widen / 8) * 8 (ref: yolo-world.md §1.1)."""
+    """ceil(c * widen / 8) * 8 (mmyolo `make_divisible`; docs/reference.md §1.1)."""
     return math.ceil(channels * widen / divisor) * divisor
 
 
@@ -44,16 +44,16 @@ class ModelConfig:
     widen: float
     last_stage_channels: int
     text_dim: int = 512
-    num_classes: int = 80  # C of the bias init and the cls branch width (ref: yolo-world.md §1.4)
+    num_classes: int = 80  # C of the bias init and the cls branch width (docs/reference.md §1.4)
     reg_max: int = 16
-    image_pool_channels: int = 256  # v1 text_enhancer embed_channels (not width-scaled; ref §1.3)
+    image_pool_channels: int = 256  # v1 text_enhancer embed_channels (not width-scaled; docs/reference.md §1.3)
     image_pool_heads: int = 8
     folded_vocab: int | None = None  # N of a re-parameterized model (vocabulary folded in); None otherwise
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    # ---- derived sizes (ref: yolo-world.md §1.1 size table, §1.2 neck table)
+    # ---- derived sizes (docs/reference.md §1.1 size table, §1.2 neck table)
     @property
     def stage_channels(self) -> tuple[int, int, int, int]:
         return tuple(make_divisible(c, self.widen) for c in (128, 256, 512, self.last_stage_channels))
@@ -135,7 +135,7 @@ class YOLOWorld(nn.Module):
                 ) -> HeadOutputs | tuple[torch.Tensor, torch.Tensor]:
         text = self._check_inputs(images, text_embeds)
         feats = self.neck(self.backbone(images), text)
-        # the head scores against the ORIGINAL text, not the v1 image-updated one (ref: yolo-world.md §1.3)
+        # the head scores against the ORIGINAL text, not the v1 image-updated one (docs/reference.md §1.3)
         out = self.head(feats, text)
         if self.training:
             return out

@@ -4,8 +4,8 @@ decay(u) = d * (1 - exp(-u / tau)) after u updates: close to 0 early (the averag
 weights), d later. Defaults d = 0.9999, tau = 2000 are the official YOLO-World setting: mmyolo's
 `ExpMomentumEMA(momentum=1e-4, gamma=2000)` updates avg = (1 - m_t) avg + m_t x with
 m_t = (1 - m) exp(-(1 + steps) / gamma) + m, i.e. 1 - m_t = (1 - m)(1 - exp(-(steps + 1) / gamma)): the same
-ramp with d = 1 - momentum = 0.9999 (ref: yolo-world.md §3 "Optimizer": EMA momentum 1e-4; YOLOX uses
-0.9998, eval-and-assignment.md §B3). Floating-point buffers (BatchNorm running statistics) are averaged
+ramp with d = 1 - momentum = 0.9999 (mmyolo `ExpMomentumEMA`, momentum 1e-4, docs/reference.md §3.4;
+YOLOX's `ModelEMA` uses 0.9998, §6.3). Floating-point buffers (BatchNorm running statistics) are averaged
 too (mmyolo `update_buffers=True`, ultralytics); integer buffers (`num_batches_tracked`) are copied.
 Evaluation and released checkpoints use the EMA weights.
 """

@@ -1,7 +1,7 @@
 """YOLO-World head: decoupled YOLOv8 box branch with DFL (reg_max 16) and a class branch that outputs an
 object embedding scored against the text embeddings by a contrastive head.
 
-Names follow the official `YOLOWorldHeadModule` (ref: yolo-world.md §1.4, §8), so an official checkpoint's
+Names follow the official `YOLOWorldHeadModule` (docs/reference.md §1.4, §4), so an official checkpoint's
 `bbox_head.head_module.<X>` is our `head.<X>`: `reg_preds.i` and `cls_preds.i` (Sequential of Conv, Conv,
 nn.Conv2d), `cls_contrasts.i.{bias (0-d), logit_scale, norm (v2 BatchNorm)}`. The DFL projection
 `proj` = arange(reg_max) is a non-persistent buffer: it is not in any state_dict (ultralytics stores it as
@@ -36,7 +36,7 @@ class HeadOutputs:
 
 
 class ContrastiveHead(nn.Module):
-    """v1: s = exp(logit_scale) * <L2(e), L2(w)> + bias; logit_scale init ln(1/0.07) (ref: yolo-world.md §1.4)."""
+    """v1: s = exp(logit_scale) * <L2(e), L2(w)> + bias; logit_scale init ln(1/0.07) (official `ContrastiveHead`)."""
 
     def __init__(self, embed_dims: int):
         super().__init__()
@@ -55,7 +55,7 @@ class ContrastiveHead(nn.Module):
 
 class BNContrastiveHead(ContrastiveHead):
     """v2: BatchNorm on the image embedding instead of the L2 norm; logit_scale init -1.0
-    (ref: yolo-world.md §1.4). Text is still L2-normalised."""
+    (official `BNContrastiveHead`). Text is still L2-normalised."""
 
     def __init__(self, embed_dims: int):
         super().__init__(embed_dims)
@@ -70,7 +70,7 @@ class BNContrastiveHead(ContrastiveHead):
 class YOLOWorldHead(nn.Module):
     """Per level: reg branch Conv3x3 -> Conv3x3 -> 1x1 to 4*reg_max; cls branch Conv3x3 -> Conv3x3 -> 1x1 to
     `embed_dims`, then the contrastive head. Widths: reg max(16, C3/4, 4*reg_max), cls max(C3, num_classes)
-    (ref: yolo-world.md §1.4)."""
+    (docs/reference.md §1.4)."""
 
     def __init__(self, in_channels: tuple[int, int, int], embed_dims: int, use_bn_head: bool,
                  num_classes: int = 80, reg_max: int = 16):
@@ -93,7 +93,7 @@ class YOLOWorldHead(nn.Module):
 
     @torch.no_grad()
     def reset_biases(self) -> None:
-        """YOLOv8 / official `YOLOWorldHead.init_weights` biases (ref: yolo-world.md §1.4): box conv bias 1.0,
+        """YOLOv8 / official `YOLOWorldHead.init_weights` biases (docs/reference.md §1.4): box conv bias 1.0,
         last cls conv bias 0, contrastive bias ln(5 / C / (640 / s)^2) with C = num_classes (80)."""
         for reg, cls, contrast, s in zip(self.reg_preds, self.cls_preds, self.cls_contrasts, self.strides):
             reg[-1].bias.fill_(1.0)

@@ -1,7 +1,7 @@
 """YOLOv8 building blocks: Conv (conv + BN + SiLU), DarknetBottleneck, C2f and SPPF.
 
 Module and attribute names are the official mmyolo ones so that official checkpoints load by key prefix
-alone (ref: yolo-world.md §8): a mmcv `ConvModule` is `.conv` + `.bn`; `CSPLayerWithTwoConv` (C2f) is
+alone (docs/reference.md §4): a mmcv `ConvModule` is `.conv` + `.bn`; `CSPLayerWithTwoConv` (C2f) is
 `main_conv`, `blocks.k.{conv1,conv2}`, `final_conv`; `SPPFBottleneck` is `conv1`, `conv2`.
 Ultralytics names the same tensors `cv1`/`cv2`/`m.k.*`; the weight converter maps them.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# ref: yolo-world.md §1.1 and §8: BN momentum 0.03, eps 0.001 in both reference implementations.
+# BN momentum 0.03, eps 0.001 in mmyolo and ultralytics alike (docs/reference.md §1.1, §4).
 BN_MOMENTUM = 0.03
 BN_EPS = 1e-3
 
@@ -30,7 +30,7 @@ class Conv(nn.Module):
 
 
 class DarknetBottleneck(nn.Module):
-    """Two 3x3 convs (expansion 1.0), residual add in the backbone only (ref: yolo-world.md §1.1)."""
+    """Two 3x3 convs (expansion 1.0), residual add in the backbone only (mmyolo `DarknetBottleneck`)."""
 
     def __init__(self, channels: int, add_identity: bool):
         super().__init__()
@@ -47,7 +47,7 @@ class C2f(nn.Module):
     """CSP layer with two convs (mmyolo `CSPLayerWithTwoConv`, ultralytics `C2f`).
 
     1x1 conv to 2*mid, split in halves, n bottlenecks chained on the second half, concat of (2+n)*mid,
-    1x1 conv to the output (ref: yolo-world.md §1.1).
+    1x1 conv to the output (mmyolo `mmyolo/models/layers/yolo_bricks.py`, `CSPLayerWithTwoConv`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, add_identity: bool):
@@ -70,7 +70,7 @@ class C2f(nn.Module):
 
 class SPPF(nn.Module):
     """Spatial pyramid pooling, fast: 1x1 to in/2, MaxPool k5 s1 three times in sequence, concat of 4,
-    1x1 conv (mmyolo `SPPFBottleneck`; ref: yolo-world.md §1.1)."""
+    1x1 conv (mmyolo `SPPFBottleneck`; docs/reference.md §1.1)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5):
         super().__init__()

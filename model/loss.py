@@ -1,6 +1,6 @@
 """YOLO-World's training objective: region-text BCE + CIoU + DFL over assigned anchors.
 
-ref: yolo-world.md §3 "Loss" (mmyolo YOLOv8 head as used by the official YOLO-World head):
+docs/reference.md §3.5 (mmyolo `YOLOv8Head.loss_by_feat`, as used by the official YOLO-World head):
 
 - loss_cls: BCE between every region-text logit [B, A, N] (positives, negatives and, unless `mask_padding`,
   the padded '' slots, as the released code does) and the assigner's soft targets, summed.
@@ -22,7 +22,7 @@ weighted, unscaled values (what ultralytics logs), so total = sum(parts) * scale
 
 Image-text samples (`is_image_text`, CC3M pseudo labels): the paper's L = L_con + lambda_I (L_iou + L_dfl)
 with lambda_I = 0 for them. The released code collates the flag but never uses it, so pseudo boxes do get
-box loss there (ref §3 "Loss"). Default here follows the PAPER (`image_text_box_loss=False`: their box and
+box loss there (docs/reference.md §3.5). Default here follows the PAPER (`image_text_box_loss=False`: their box and
 DFL terms are zeroed; their anchors still count in the cls loss and the normaliser); True reproduces the
 released code.
 """
@@ -78,7 +78,7 @@ class YOLOWorldLoss:
     def __init__(
         self,
         assigner: str = "tal",
-        cls_weight: float = 0.5,  # ref: yolo-world.md §3 "Loss"
+        cls_weight: float = 0.5,  # docs/reference.md §3.5
         box_weight: float = 7.5,
         dfl_weight: float = 1.5,
         reg_max: int = 16,

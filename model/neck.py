@@ -1,7 +1,7 @@
 """RepVL-PAN: the YOLOv8 PAFPN whose four C2f layers are text-guided T-CSPLayers (v1 and v2), plus the
 v1 Image-Pooling Attention that updates the text embeddings from the image.
 
-Names follow the official `YOLOWorldPAFPN` / `YOLOWorldDualPAFPN` (ref: yolo-world.md §1.2, §1.3, §8), so an
+Names follow the official `YOLOWorldPAFPN` / `YOLOWorldDualPAFPN` (docs/reference.md §1.2, §1.3, §4), so an
 official checkpoint's `neck.<X>` is our `neck.<X>`:
 - `top_down_layers.{0,1}` (P4, then P3 output), `downsample_layers.{0,1}` (3x3 s2 Conv),
   `bottom_up_layers.{0,1}` (P4, then P5 output);
@@ -22,7 +22,7 @@ from .layers import C2f, Conv
 
 
 class MaxSigmoidAttnBlock(nn.Module):
-    """Max-sigmoid text-guided attention (paper Eq. 2; official `MaxSigmoidAttnBlock`, ref: yolo-world.md §1.2).
+    """Max-sigmoid text-guided attention (paper Eq. 2; official `MaxSigmoidAttnBlock`, docs/reference.md §1.2).
 
     Per head m and pixel: w = sigmoid(max_n <embed_m, guide_{n,m}> / sqrt(head_ch) + bias_m) (scale 1.0,
     `with_scale=False` in every released config); output = project_conv(x) split per head and times w.
@@ -63,7 +63,7 @@ class MaxSigmoidAttnBlock(nn.Module):
 class TextGuidedC2f(C2f):
     """T-CSPLayer (official `MaxSigmoidCSPLayerWithTwoConv`): a neck C2f (no residual) whose last bottleneck
     output also goes through max-sigmoid attention, appended as an extra branch, so `final_conv` takes
-    (3+n)*mid channels (ref: yolo-world.md §1.2)."""
+    (3+n)*mid channels (docs/reference.md §1.2)."""
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, embed_channels: int,
                  num_heads: int, guide_channels: int):
@@ -89,7 +89,7 @@ class _Projection(nn.Module):
 
 
 class ImagePoolingAttention(nn.Module):
-    """v1 Image-Pooling Attention (paper Eq. 3; official `ImagePoolingAttentionModule`, ref: yolo-world.md §1.3).
+    """v1 Image-Pooling Attention (paper Eq. 3; official `ImagePoolingAttentionModule`, docs/reference.md §1.3).
 
     Each of the 3 feature maps -> 1x1 conv (bias, no norm) to `embed_channels` -> AdaptiveMaxPool 3x3, giving
     27 tokens. text' = text + proj(MHA(q=Linear(LN(text)), k,v=Linear(LN(tokens)))) with scale 1.0.
@@ -125,7 +125,7 @@ class ImagePoolingAttention(nn.Module):
 class RepVLPAN(nn.Module):
     """YOLOv8 PAFPN with T-CSPLayers; with `image_pooling` (v1) also one Image-Pooling Attention that runs
     once between the top-down and bottom-up paths and whose updated text feeds only the two bottom-up
-    T-CSPs (ref: yolo-world.md §1.3, official #133). Returns P3, P4, P5 (strides 8, 16, 32)."""
+    T-CSPs (docs/reference.md §1.3; AILab-CVC/YOLO-World issue #133). Returns P3, P4, P5 (strides 8, 16, 32)."""
 
     def __init__(self, in_channels: tuple[int, int, int], out_channels: tuple[int, int, int], num_blocks: int,
                  embed_channels: tuple[int, int, int], num_heads: tuple[int, int, int], guide_channels: int,
@@ -136,7 +136,7 @@ class RepVLPAN(nn.Module):
         e3, e4, e5 = embed_channels
         h3, h4, h5 = num_heads
         g = guide_channels
-        # top-down: [upsampled, lateral] concat order (ref: yolo-world.md §1.2)
+        # top-down: [upsampled, lateral] concat order (official `YOLOWorldPAFPN.forward`)
         self.top_down_layers = nn.ModuleList([
             TextGuidedC2f(c5 + c4, o4, num_blocks, e4, h4, g),
             TextGuidedC2f(o4 + c3, o3, num_blocks, e3, h3, g),

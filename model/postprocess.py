@@ -1,8 +1,8 @@
 """Inference pre- and post-processing: letterbox, multi-label score threshold, pre-NMS top-k, batched NMS,
 per-image cap, and the mapping back to original image coordinates.
 
-Defaults follow the official test config (mmyolo YOLOv8 base; ref: yolo-world.md §4): multi_label, score_thr
-0.001, nms_pre 30000, NMS IoU 0.7, max_per_img 300; letterbox pad value 114 (ref §1.1).
+Defaults follow the official test config (mmyolo YOLOv8 base; docs/reference.md §5.3): multi_label, score_thr
+0.001, nms_pre 30000, NMS IoU 0.7, max_per_img 300; letterbox pad value 114 (docs/reference.md §1.1).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-PAD_VALUE = 114  # ref: yolo-world.md §1.1
+PAD_VALUE = 114  # mmyolo letterbox pad (docs/reference.md §1.1)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Named model variants (timm style): `build_model("yolo_world_v2_l")`.
 
-Sizes (deepen, widen, last stage channels) are the YOLOv8 / official YOLO-World ones (ref: yolo-world.md §1.1):
+Sizes (deepen, widen, last stage channels) are the YOLOv8 / official YOLO-World ones (docs/reference.md §1.1):
 n 0.33/0.25/1024, s 0.33/0.50/1024, m 0.67/0.75/768, l 1.0/1.0/512, x 1.0/1.25/512, xl 1.0/1.5/512 (xl exists
 only in the official repo, v2). `tiny` (0.33/0.125/1024) is ours: a CPU size for tests and the smoke job.
 """
@@ -28,7 +28,7 @@ VARIANTS: dict[str, dict] = {
     for v, sizes in _VERSION_SIZES.items() for size in sizes
 }
 # Ours: a narrower v1 Image-Pooling Attention for the CPU size (the official 256 channels / 8 heads would
-# cost the tiny model ~30% more time per step). Every published size keeps 256 / 8 (ref: yolo-world.md §1.3).
+# cost the tiny model ~30% more time per step). Every published size keeps 256 / 8 (docs/reference.md §1.3).
 VARIANTS["yolo_world_v1_tiny"].update(image_pool_channels=64, image_pool_heads=2)
 
 

@@ -1,6 +1,6 @@
 """Re-parameterization: fold a fixed vocabulary into a v2 network so it needs no text encoder at run time
-(paper App. A.1; official `tools/reparameterize_yoloworld.py --conv-neck`; ref: yolo-world.md §2
-"Re-parameterization").
+(paper App. A.1; official `tools/reparameterize_yoloworld.py --conv-neck`;
+docs/reference.md §2.4).
 
 - Head, per level: the BN contrastive head becomes BN + 1x1 conv (`RepBNContrastiveHead`):
   conv.weight = L2(E) * exp(logit_scale) as (N, D, 1, 1), conv.bias = beta repeated N times.

@@ -1,9 +1,9 @@
 """The frozen text encoder: class names and phrases -> L2-normalised embeddings.
 
 YOLO-World scores image regions against text embeddings from a frozen CLIP text tower
-(`CLIPTextModelWithProjection`, `openai/clip-vit-base-patch32`, 512-d; ref: yolo-world.md §2). Any other
+(`CLIPTextModelWithProjection`, `openai/clip-vit-base-patch32`, 512-d; docs/reference.md §2.1). Any other
 Hugging Face sentence encoder works too (mean pooling over the attention mask), e.g. the packaged 384-d
-MiniLM that tests and the smoke job use. The encoder is never trained (ref §2 "Frozen": every released
+MiniLM that tests and the smoke job use. The encoder is never trained (docs/reference.md §2.1: every released
 pre-training config freezes it), so it is a plain object holding an eval-mode module, not an nn.Module
 that could slip into an optimizer or a detector state_dict.
 """
@@ -24,7 +24,7 @@ __all__ = ["TextEncoder", "EmbeddingCache", "Vocabulary", "pick_texts", "DEFAULT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # ref: yolo-world.md §2 "Model"
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # official `HuggingCLIPLanguageBackbone` (docs/reference.md §2.1)
 
 # CLIP's context length; longer phrases are truncated the way the reference tokenizer call does.
 _CLIP_MAX_TOKENS = 77
@@ -141,7 +141,7 @@ class TextEncoder:
         chunks = []
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start:start + self.batch_size]
-            # padding=True pads to the longest text of the chunk (ref: yolo-world.md §2 "Model").
+            # padding=True pads to the longest text of the chunk, as the official `HuggingCLIPLanguageBackbone` does.
             tokens = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
                                     return_tensors="pt")
             tokens = {k: to_device(v, self.device) for k, v in tokens.items()}
@@ -176,7 +176,7 @@ class TextEncoder:
         """[B, N, D] for B samples of N texts each (the collate pads every sample to the same N).
 
         Why dedupe: a training batch of 16 x 80 texts is mostly the same detection class names plus ''
-        padding (ref: yolo-world.md §3 "Online vocabulary"), so encoding each distinct string once, and
+        padding (docs/reference.md §3.2), so encoding each distinct string once, and
         keeping it cached across steps, cuts the text tower's work by an order of magnitude.
         """
         if not texts:

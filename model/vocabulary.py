@@ -3,8 +3,7 @@
 A `Vocabulary` is the evaluation / deployment side of the text tower: encode the class texts once, save
 `<name>.safetensors` (the [N, D] embeddings) beside `<name>.json` (texts, encoder id, dim), and later load
 them on a machine without CLIP. The official repo's offline format, an N x 512 `.npy` written by
-`tools/generate_text_prompts.py` plus the class-text file, loads too (ref: yolo-world.md §2 "Offline
-vocabulary"). A Vocabulary answers `encode` / `encode_batch` like a TextEncoder for the texts it holds.
+`tools/generate_text_prompts.py` plus the class-text file, loads too (docs/reference.md §2.3). A Vocabulary answers `encode` / `encode_batch` like a TextEncoder for the texts it holds.
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ def pick_texts(class_texts: Sequence[Sequence[str] | str], train: bool,
                rng: random.Random | np.random.Generator | None = None) -> list[str]:
     """One text per class from lists of synonyms: a random synonym when training, the first when testing.
 
-    ref: yolo-world.md §2 "Prompting" (RandomLoadText picks a random synonym, LoadText the first).
+    Official `RandomLoadText` picks a random synonym, `LoadText` the first (docs/reference.md §2.2).
     A plain string counts as a class with one name.
     """
     picked = []

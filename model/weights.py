@@ -1,6 +1,6 @@
 """Pretrained weights: official mmyolo checkpoints, ultralytics `.pt` files and our own format.
 
-`load_weights(model, path)` detects the format and maps every tensor to our names (ref: yolo-world.md §8):
+`load_weights(model, path)` detects the format and maps every tensor to our names (docs/reference.md §4):
 - official YOLO-World (`.pth`, a dict with `state_dict`): `backbone.image_model.X` -> `backbone.X`,
   `neck.X` -> `neck.X`, `bbox_head.head_module.X` -> `head.X`; `backbone.text_model.*` is dropped (the text
   encoder lives outside the network). mmengine's EMA hook saves the EMA weights under `state_dict`, so that is
@@ -58,7 +58,7 @@ def from_official_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[st
     mapped, dropped = {}, []
     for key, value in state.items():
         key = key.removeprefix("module.")
-        if "text_model" in key:  # the frozen CLIP tower (ref: yolo-world.md §2 "Re-parameterization")
+        if "text_model" in key:  # the frozen CLIP tower (docs/reference.md §2.4)
             dropped.append(key)
             continue
         for official, ours in _OFFICIAL_PREFIXES:
@@ -97,7 +97,7 @@ _HEAD_NAMES = [(re.compile(r"^cv2\."), "reg_preds."), (re.compile(r"^cv3\."), "c
                (re.compile(r"^cv4\."), "cls_contrasts.")]
 _CONV: list = []  # a plain Conv: `.conv` / `.bn` on both sides
 
-# layer index -> (our module, renaming rules); ref: yolo-world.md §8 table.
+# layer index -> (our module, renaming rules); docs/reference.md §4 table.
 _UL_BACKBONE = {0: ("backbone.stem", _CONV), 1: ("backbone.stage1.0", _CONV), 2: ("backbone.stage1.1", _C2F_NAMES),
                 3: ("backbone.stage2.0", _CONV), 4: ("backbone.stage2.1", _C2F_NAMES),
                 5: ("backbone.stage3.0", _CONV), 6: ("backbone.stage3.1", _C2F_NAMES),
@@ -139,7 +139,7 @@ def from_ultralytics_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict
                 dropped.append(key)
                 continue
             if re.fullmatch(r"cls_contrasts\.\d+\.bias", rest):
-                value = value.reshape(())  # ultralytics (1,), official and ours 0-d (ref: yolo-world.md §8)
+                value = value.reshape(())  # ultralytics (1,), official and ours 0-d (docs/reference.md §4)
         mapped[f"{target}.{rest}"] = value
     return mapped, dropped
 

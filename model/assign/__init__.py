@@ -1,7 +1,7 @@
 """Label assignment for the training objective, chosen by name in the job config.
 
-`build_assigner("tal")` is YOLO-World's own rule (task-aligned, ref: yolo-world.md §3 "Assigner");
-`build_assigner("simota")` is the YOLOX rule (ref: eval-and-assignment.md §B1). Both take the same inputs and
+`build_assigner("tal")` is YOLO-World's own rule (task-aligned, docs/reference.md §3.6, §6.1);
+`build_assigner("simota")` is the YOLOX rule (docs/reference.md §6.2). Both take the same inputs and
 return the same `Assignment`, so the loss does not depend on which one ran.
 """
 from __future__ import annotations

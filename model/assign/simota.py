@@ -1,7 +1,7 @@
 """SimOTA (YOLOX) assignment, batched over images with padded GT.
 
-The 2021 paper / code version, also mmdet's `SimOTAAssigner(center_radius=2.5)` (ref:
-eval-and-assignment.md §B1):
+The 2021 paper / code version, also mmdet's `SimOTAAssigner(center_radius=2.5)` (YOLOX
+`yolox/models/yolo_head.py`, `get_assignments` / `simota_matching`; docs/reference.md §6.2):
 
 1. candidates: anchors whose centre is strictly inside some GT box OR within +-radius*stride of its centre
    (radius 2.5); the per-pair geometric prior is "in the box AND near the centre";

@@ -1,7 +1,7 @@
 """Task-aligned assignment (TOOD; the YOLOv8 / YOLO-World assigner), batched over images with padded GT.
 
-Rules (ref: eval-and-assignment.md §B6; yolo-world.md §3 "Assigner": `BatchTaskAlignedAssigner`, topk 10,
-alpha 0.5, beta 6.0, use_ciou True, eps 1e-9):
+Rules (ultralytics `ultralytics.utils.tal.TaskAlignedAssigner`; mmyolo `BatchTaskAlignedAssigner`, topk 10,
+alpha 0.5, beta 6.0, use_ciou True, eps 1e-9; docs/reference.md §6.1):
 
 1. candidates of a ground truth are the anchor points strictly inside its box (no centre radius);
 2. alignment metric t = s^alpha * u^beta, s = predicted score of the GT's text, u = CIoU(GT, prediction)
