@@ -55,7 +55,7 @@ class IngestConfig:
     shard_size: int = 1000  # images per Parquet shard (1000 x ~150 KB = a ~150 MB file)
     row_group_size: int = 64  # rows per Parquet row group: the unit a streaming reader fetches
     max_images: int = 0  # 0 = all; otherwise only the first N images (a quick look at a huge set)
-    min_image_size: int = 32  # drop images whose shorter side is smaller (ref: yolo-world.md §3 "min_size=32"); LVIS keeps all
+    min_image_size: int = 32  # drop images whose shorter side is smaller (official min_size; docs/reference.md §3.1); LVIS keeps all
     parallelism: int = 0  # shard tasks in flight; 0 = twice the cluster's CPUs
     # Images with more pixels are rejected from their header, before decoding (a few-KB file can declare a
     # 100k x 100k image that would take tens of GB to decode).

@@ -81,7 +81,7 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """The YAML `data:` section. Defaults follow the official pre-training recipe (yolo-world.md §3)."""
+    """The YAML `data:` section. Defaults follow the official pre-training recipe (docs/reference.md §3)."""
 
     sources: tuple[SourceConfig, ...] = ()
     img_size: int = 640
@@ -91,7 +91,7 @@ class StreamConfig:
     hsv: tuple[float, float, float] = HSV_GAINS
     flip: float = 0.5
     mixup: float = 0.0  # official pre-training uses none; the fine-tune recipes 0.15 for L
-    close_mosaic_epochs: int = 2  # official close_mosaic = 2 (ref: yolo-world.md §3 "Augmentation")
+    close_mosaic_epochs: int = 2  # official close_mosaic_epochs = 2 (docs/reference.md §3.3)
     max_texts: int = MAX_TEXTS
     min_box_size: float = MIN_BOX_SIZE
     window: int = 64  # rows per augmentation window (mosaic partners come from the same window)

@@ -24,7 +24,7 @@ Design choices (why it is learnable by a tiny model in minutes on 2 CPU cores, a
   texture, at most 30 % of an object hidden by a later one), on a light, slightly noisy background with a
   few grey distractor lines and blobs (clutter that is no category).
 - Training categories get three popularity tiers so the LVIS frequencies computed from the detection
-  split's image counts (r < 10 images, c 10-99, f >= 100; ref: eval-and-assignment.md §A1) come out as a
+  split's image counts (r < 10 images, c 10-99, f >= 100; docs/reference.md §5.1) come out as a
   mix at the default 320 images.
 - Boxes are modal (the visible extent after occlusion), like COCO.
 """
@@ -406,7 +406,7 @@ def _write_image_text(put, put_json, seed, n, img, train, clutter, lo, hi) -> No
 
 
 def _frequency(image_count: int) -> str:
-    # ref: eval-and-assignment.md §A1: r < 10 training images, c 10-99, f >= 100
+    # lvis-api's groups: r < 10 training images, c 10-99, f >= 100 (docs/reference.md §5.1)
     return "r" if image_count < 10 else ("c" if image_count < 100 else "f")
 
 

@@ -5,7 +5,7 @@ Conventions: images are RGB uint8 [H, W, 3]; boxes are float32 [M, 4] xyxy in pi
 with its box, so a box dropped by a crop drops its label too. Randomness comes from an explicit
 `numpy.random.Generator`. Every geometric function clips boxes to the image and drops the degenerate ones.
 
-The two pipelines mirror the official pre-training recipe (ref: yolo-world.md §3 "Augmentation"):
+The two pipelines mirror the official pre-training recipe (docs/reference.md §3.3):
 - mosaic pipeline: Mosaic of 4 images on a 2s x 2s canvas -> random affine (scale 1 +- a, translate 0.1, no
   rotation or shear, border -s/2 so the output is s x s) -> [MixUp] -> HSV -> horizontal flip;
 - plain ("close mosaic", official stage 2): keep-ratio resize + letterbox to s x s -> random affine (border 0)
@@ -20,11 +20,11 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-PAD_VALUE = 114  # grey fill of mosaic canvas, letterbox and affine border; ref: yolo-world.md §3 "Augmentation"
+PAD_VALUE = 114  # grey fill of mosaic canvas, letterbox and affine border; docs/reference.md §3.3
 HSV_GAINS = (0.015, 0.7, 0.4)  # mmyolo YOLOv5HSVRandomAug hue / saturation / value deltas
 MIN_BOX_SIZE = 2.0  # YOLOv5RandomAffine min_bbox_size: a box must be wider and taller than this (pixels)
 MIN_AREA_RATIO = 0.1  # YOLOv5RandomAffine: a cropped box keeps > 10 % of its scaled area
-MAX_ASPECT_RATIO = 100.0  # YOLO-World sets the affine's max_aspect_ratio to 100 (ref: yolo-world.md §3)
+MAX_ASPECT_RATIO = 100.0  # YOLO-World sets the affine's max_aspect_ratio to 100 (docs/reference.md §3.3)
 MIXUP_BETA = 32.0  # mmyolo YOLOv5MixUp: blend ratio ~ Beta(32, 32)
 
 
@@ -211,7 +211,7 @@ class AugmentParams:
     """The numbers both pipelines need (a view of the stream config, so this module stays config-free)."""
 
     size: int = 640
-    affine_scale: float = 0.5  # 0.5 for S, 0.9 for M/L/X (ref: yolo-world.md §3 "Augmentation")
+    affine_scale: float = 0.5  # 0.5 for S, 0.9 for M/L/X (docs/reference.md §3.3)
     translate: float = 0.1
     hsv_gains: tuple[float, float, float] = HSV_GAINS
     flip: float = 0.5

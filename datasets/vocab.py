@@ -1,6 +1,6 @@
 """Online vocabulary: the list of exactly `max_texts` (80) texts each training sample is scored against.
 
-Official rule (`MultiModalMosaic` + `RandomLoadText`; ref: yolo-world.md §3 "Online vocabulary"):
+Official rule (`MultiModalMosaic` + `RandomLoadText`; docs/reference.md §3.2):
 1. `merge_texts`: the texts of the images that make one sample (4 for a mosaic, 8 with MixUp) are united,
    duplicates merged, and every box label remapped into the union.
 2. `sample_vocabulary`: the positives are the texts that still have a box after augmentation; with more
@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-MAX_TEXTS = 80  # "at most M nouns, M = 80", padded to 80 (ref: yolo-world.md §2 "Padding", §3)
+MAX_TEXTS = 80  # "at most M nouns, M = 80", padded to 80 (paper §3.2; docs/reference.md §2.2)
 PAD_TEXT = ""
 
 

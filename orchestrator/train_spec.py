@@ -2,7 +2,7 @@
 
 Sections owned by other packages are reused as they are: `data:` is the stream's `StreamConfig`, `storage:`
 is `StorageOptions`, `prepare.ingest:` items are `IngestConfig`, `strategy:` is `StrategyConfig`. Defaults
-here are the paper's pre-training recipe (ref: yolo-world.md §3); the job YAMLs in jobs/ restate the values
+here are the paper's pre-training recipe (docs/reference.md §3); the job YAMLs in jobs/ restate the values
 that matter, with their sources.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["ModelSpec", "OptimSpec", "LossSpec", "TrainSpec", "ScalingSpec", "Ch
 @dataclass(frozen=True)
 class ModelSpec:
     name: str = "yolo_world_v2_l"
-    # Frozen text tower (ref: yolo-world.md §2): a HF id, a local folder, or "minilm" (packaged, 384-d).
+    # Frozen text tower (docs/reference.md §2.1): a HF id, a local folder, or "minilm" (packaged, 384-d).
     text_encoder: str = "openai/clip-vit-base-patch32"
     init_weights: str = ""  # official .pth / ultralytics .pt / ours (.safetensors): start from these
 
@@ -78,7 +78,7 @@ class OptimSpec:
 
 @dataclass(frozen=True)
 class LossSpec:
-    """yworld.model.loss.YOLOWorldLoss options (ref: yolo-world.md §3 "Loss" and "Assigner")."""
+    """yworld.model.loss.YOLOWorldLoss options (docs/reference.md §3.5, §3.6)."""
 
     assigner: Literal["tal", "simota"] = "tal"
     cls_weight: float = 0.5
@@ -101,7 +101,7 @@ class TrainSpec:
     batch_per_worker: int = 16  # the largest micro-batch per worker per forward
     max_steps: int = 0  # stop after this many optimizer steps (0: all epochs); the schedule still spans epochs
     ema: bool = True
-    ema_decay: float = 0.9999  # mmyolo ExpMomentumEMA momentum 1e-4 (ref: yolo-world.md §3 "Optimizer")
+    ema_decay: float = 0.9999  # mmyolo ExpMomentumEMA momentum 1e-4 (docs/reference.md §3.4)
     ema_tau: float = 2000.0
     seed: int = 0
     # Divergence stop: a run whose loss or gradient norm is non-finite for this many optimizer steps in a row
@@ -137,7 +137,7 @@ class ScalingSpec:
 @dataclass(frozen=True)
 class CheckpointSpec:
     every_steps: int = 0  # 0: off
-    every_epochs: int = 2  # ref: yolo-world.md §3 "checkpoint every 2" epochs
+    every_epochs: int = 2  # official save_epoch_intervals = 2 (docs/reference.md §3.4)
     num_to_keep: int = 3
     max_failures: int = 3  # worker-group restarts from the latest checkpoint (-1: unlimited)
 

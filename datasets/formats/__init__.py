@@ -6,8 +6,8 @@ entry into a `Record` needs the image bytes, so it happens later, in parallel, i
 drop bad boxes against the decoded size, de-duplicate texts). `read_records` chains both for one process.
 
 Bad input never raises: every dropped image or box is counted by reason in `Rejects`, with a few
-examples naming the file and the id. Box rules follow the official datasets (ref: yolo-world.md §3
-"Grounding JSON fields used": empty / outside the image / w<1 or h<1 are dropped).
+examples naming the file and the id. Box rules follow the official datasets (docs/reference.md §3.1:
+empty / outside the image / w<1 or h<1 are dropped).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ MAX_EXAMPLES = 5
 IMAGE_MISSING = "image_missing"
 IMAGE_UNDECODABLE = "image_undecodable"
 IMAGE_SIZE_MISMATCH = "image_size_mismatch"  # decoded size differs from the annotation: boxes would be misplaced
-IMAGE_TOO_SMALL = "image_too_small"  # shorter side < min_image_size (ref: yolo-world.md §3 "min_size=32")
+IMAGE_TOO_SMALL = "image_too_small"  # shorter side < min_image_size (docs/reference.md §3.1)
 IMAGE_NO_BOXES = "image_no_boxes"  # grounding / image-text image with no usable phrase left
 IMAGE_MALFORMED = "image_malformed"  # image entry without a usable id (64-bit integer or text) or file name
 IMAGE_DUPLICATE = "image_duplicate_id"  # ids compare as text: 2 and "2" are the same image

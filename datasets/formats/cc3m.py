@@ -1,9 +1,9 @@
 """CC3M pseudo labels (`cc3m_pseudo_annotations.json`, CC3M-Lite): image-text samples.
 
 COCO-style file whose annotations carry a `tokens` string, the noun phrase the pseudo box belongs to
-(ref: yolo-world.md §3 "CC3M pseudo JSON"; `YW:yolo_world/datasets/yolov5_cc3m_grounding.py`). Records are
+(AILab-CVC/YOLO-World `yolo_world/datasets/yolov5_cc3m_grounding.py`; docs/reference.md §3.1). Records are
 `kind="image_text"`, `is_image_text=True`: the paper's lambda_I = 0, contrastive loss only, no box loss,
-because pseudo boxes are too noisy to regress on (ref: yolo-world.md §3 "Loss").
+because pseudo boxes are too noisy to regress on (paper §3.2; docs/reference.md §3.5).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """COCO-style detection (COCO, Objects365 v1 `objects365_train.json`) with a class-text file.
 
 The class-text file is a list of synonym lists, one per category in category-id order, as the official
-`data/texts/{coco,obj365v1}_class_texts.json` (ref: yolo-world.md §2 "Prompting"). Each record's texts are
+`data/texts/{coco,obj365v1}_class_texts.json` (docs/reference.md §2.2). Each record's texts are
 the classes present in that image; the full list goes to the manifest as the negative pool from which the
-training stream tops the vocabulary up to 80 (ref: yolo-world.md §3 "Online vocabulary").
+training stream tops the vocabulary up to 80 (docs/reference.md §3.2).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """LVIS v1 (`lvis_v1_minival_inserted_image_name.json`, `lvis_v1_val.json`): evaluation data.
 
-Fields (ref: eval-and-assignment.md §A1): categories carry `synonyms` and `frequency` (r: < 10 training
+Fields (lvis-api; docs/reference.md §5.1): categories carry `synonyms` and `frequency` (r: < 10 training
 images, c: 10-99, f: >= 100; the evaluator reads `frequency`, never `image_count`); images carry
 `neg_category_ids` (verified absent: detections of these count as false positives) and
 `not_exhaustive_category_ids` (unmatched detections of these are ignored). Those per-image lists are used by

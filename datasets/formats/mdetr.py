@@ -1,9 +1,9 @@
 """MDETR grounding annotations (GoldG: `final_mixed_train_no_coco.json` = GQA, `final_flickr_separateGT_train.json`).
 
-Fields used (ref: yolo-world.md §3 "Grounding JSON fields used"): `images[]` file_name, height, width,
-caption; `annotations[]` bbox [x, y, w, h], iscrowd, tokens_positive (a list of [start, end) character spans
-of the caption). The phrase of a box is its spans joined with " "; the image's texts are its phrases,
-de-duplicated (one synonym each). `category_id` is not used (-1 in records).
+Fields used (as the official `yolo_world/datasets/yolov5_mixed_grounding.py`; docs/reference.md §3.1):
+`images[]` file_name, height, width, caption; `annotations[]` bbox [x, y, w, h], iscrowd, tokens_positive (a list
+of [start, end) character spans of the caption). The phrase of a box is its spans joined with " "; the image's
+texts are its phrases, de-duplicated (one synonym each). `category_id` is not used (-1 in records).
 """
 from __future__ import annotations
 

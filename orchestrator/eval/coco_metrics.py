@@ -1,7 +1,7 @@
 """COCO box AP with pycocotools' COCOeval semantics (numbers identical to pycocotools 2.0.11 on the tests'
 fixtures and randomised predictions).
 
-ref: eval-and-assignment.md §A3. The points people get wrong, all reproduced here:
+pycocotools `cocoeval.py` (docs/reference.md §5.4). The points people get wrong, all reproduced here:
 * `maxDets` (1, 10, 100) caps detections per (image, category), not per image;
 * crowd GT (`iscrowd=1`) is ignored, its IoU divides by the detection area, and it can absorb several
   detections; a GT's `ignore` field is overwritten by `iscrowd`;
@@ -18,7 +18,7 @@ from yworld.orchestrator.eval.matching import (AREA_LABELS, IOU_THRESHOLDS, Eval
                                                top_k_per_group)
 from yworld.orchestrator.eval.results_io import Detections, validate_detections
 
-MAX_DETS = (1, 10, 100)  # ref: eval-and-assignment.md §A3 (Params.maxDets)
+MAX_DETS = (1, 10, 100)  # pycocotools Params.maxDets
 PROTOCOL_LABEL = "COCO (pycocotools: up to 1/10/100 detections per image and category)"
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from yworld.datasets.storage import filesystem, probe, storage_errors
 from yworld.model.errors import DataError
 
-# LVIS frequency groups, in lvis-api's order (Params.img_count_lbl). ref: eval-and-assignment.md §A1
+# LVIS frequency groups, in lvis-api's order (Params.img_count_lbl, docs/reference.md §5.1)
 FREQUENCIES = ("r", "c", "f")
 _ID_LIMIT = 2**63  # ids are int64 columns
 

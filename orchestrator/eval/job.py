@@ -5,7 +5,7 @@ write the predictions to storage and compute the metrics of every protocol asked
         network, multi-label NMS, per-image cap ─▶ predictions.parquet + results.json ─▶ metrics.json
 
 The vocabulary is fixed for the whole val set: one text per category in category-id order (the first
-synonym; ref: yolo-world.md §2 "Prompting"), embedded once on the driver (or read from an offline
+synonym, as the official `LoadText`; docs/reference.md §2.2), embedded once on the driver (or read from an offline
 `Vocabulary`) and saved beside the outputs so later evaluations reuse it.
 
 Outputs under `output`: `predictions.parquet` (image_id, category_id, x, y, w, h, score), `results.json` (the
@@ -54,7 +54,7 @@ class DatasetSpec:
 @dataclass(frozen=True)
 class InferenceSpec:
     """Per-image settings of the detector. Paper protocol for Fixed AP: 1000 detections per image at score
-    0.001 (ref: yolo-world.md §4); the standard protocol trims to 300 per image itself."""
+    0.001 (paper §4.2; docs/reference.md §5.3); the standard protocol trims to 300 per image itself."""
 
     img_size: int = 640
     batch_size: int = 8
@@ -270,7 +270,7 @@ def image_list(gt: dict, images_url: str, max_images: int = 0) -> list[dict]:
 
 
 def class_texts(gt: dict, class_texts_url: str, storage: StorageOptions) -> tuple[np.ndarray, list[str]]:
-    """(category ids sorted, one text per category): the first synonym (ref: yolo-world.md §2)."""
+    """(category ids sorted, one text per category): the first synonym (docs/reference.md §2.2)."""
     cats = sorted(gt["categories"], key=lambda c: c["id"])
     ids = np.asarray([c["id"] for c in cats], np.int64)
     if class_texts_url:

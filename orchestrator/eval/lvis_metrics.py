@@ -3,10 +3,10 @@ tests' fixtures and randomised predictions).
 
 * `standard`: lvis-api as released: keep each image's top 300 detections across all categories, then the
   federated rules (a detection counts only in categories verified present or absent in its image; unmatched
-  detections of not-exhaustively annotated categories are ignored). ref: eval-and-assignment.md §A1.
+  detections of not-exhaustively annotated categories are ignored). lvis-api `lvis/eval.py`, docs/reference.md §5.1.
 * `fixed`: Fixed AP of Dave et al. 2021: no per-image cap, the top 10,000 detections per category over the
   whole dataset, then the same federated evaluation. This is the number YOLO-World reports on LVIS minival.
-  ref: eval-and-assignment.md §A2 (large-vocab-devil scripts/evaluate_ap_fixed.py).
+  achalddave/large-vocab-devil `scripts/evaluate_ap_fixed.py`; docs/reference.md §5.2.
 
 Every result carries its protocol; the metric names are lvis-api's (`AR@300`), with the challenge
 branch's `AR@10000/cat` label for Fixed AP recall.
@@ -34,9 +34,9 @@ class LvisProtocol:
 
 
 PROTOCOLS = {
-    # ref: eval-and-assignment.md §A1 (LVISResults max_dets=300, counted across all categories)
+    # lvis-api `LVISResults(max_dets=300)`, counted across all categories (docs/reference.md §5.1)
     "standard": LvisProtocol("standard", "LVIS standard (top 300 detections per image)", 300, -1, "300"),
-    # ref: eval-and-assignment.md §A2 (top 10,000 per category, LVISResults max_dets=-1)
+    # evaluate_ap_fixed.py: top 10,000 per category, `LVISResults(max_dets=-1)` (docs/reference.md §5.2)
     "fixed": LvisProtocol("fixed", "LVIS Fixed AP (top 10,000 detections per category, no per-image cap)",
                           -1, 10_000, "10000/cat"),
 }

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# ref: eval-and-assignment.md §A1/§A3 (Params of both APIs; linspace exactly as they write it, so 0.5 and
-# 0.75 compare equal in the summaries)
+# `Params` of lvis-api `lvis/eval.py` and pycocotools `cocoeval.py` (docs/reference.md §5.1, §5.4); linspace
+# exactly as they write it, so 0.5 and 0.75 compare equal in the summaries
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
 AREA_RANGES = np.array([[0 ** 2, 1e5 ** 2], [0 ** 2, 32 ** 2], [32 ** 2, 96 ** 2], [96 ** 2, 1e5 ** 2]])

@@ -5,8 +5,8 @@ GLIP-L, YOLO-World v2.1 relabelled CC3M with YOLO-World-X-v2).
     rows ─ load_images (Ray tasks, CPU: read, decode, letterbox) ─▶ Labeller (Ray Data actor pool: one model
         replica per actor, one GPU each in production; text encoder beside it) ─▶ candidates per image
 
-Every image's phrases are padded with '' to the same `vocab_size` (80, the training vocabulary size; ref:
-yolo-world.md §3 "Online vocabulary"), so an image's boxes never depend on which images share its batch (the
+Every image's phrases are padded with '' to the same `vocab_size` (80, the training vocabulary size;
+docs/reference.md §3.2), so an image's boxes never depend on which images share its batch (the
 neck's text-guided attention sees every text slot). Detections on padding slots are dropped.
 """
 from __future__ import annotations
