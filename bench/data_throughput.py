@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
 BATCH = 16
 # 1.38 M images (O365 609k + GQA 621k + Flickr 149k) x 100 epochs in ~2 days on 32 V100
-# (ref: yolo-world.md §3 "Data", "Hardware") = ~800 img/s over 32 GPUs [derived]
+# (paper Table 1, §4.2; docs/reference.md §3.7) = ~800 img/s over 32 GPUs [derived]
 V100_IMAGES_PER_S = 25.0
 H100_IMAGES_PER_S = 100.0  # assumption: ~4x a V100 for this model with AMP (not measured here)
 

@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/eval_speed.py [--images 2000] [--dets 300] [--protocol standard|fixed]
 
-Synthetic LVIS-format workload (ref: eval-and-assignment.md §A5 "Synthetic setup"): 1,203 categories with
+Synthetic LVIS-format workload (docs/reference.md §5.5): 1,203 categories with
 LVIS v1's r/c/f split, per image 4 positive categories with 12 GT in all, 8 negative and 1 not-exhaustive
 category; detections: 60% jittered GT, 20% in negative categories, 20% in random categories (dropped by the
 federated rule). Each evaluator runs in its own subprocess, timed from reading the two JSON files to the
 metrics (wall clock and the process's CPU time, which other load disturbs less), with its peak resident
 memory (ru_maxrss). lvis-api 0.5.3 gets its numpy fix (`np.float = float`,
-§A1) only inside its subprocess. Prints both timings, the ratio, and the largest metric difference.
+docs/reference.md §5.1) only inside its subprocess. Prints both timings, the ratio, and the largest metric difference.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def run_ours(gt_path: str, res_path: str, protocol: str) -> dict:
 def run_official(gt_path: str, res_path: str, protocol: str) -> dict:
     import logging
 
-    np.float = float  # lvis 0.5.3 still calls np.float (removed in numpy 1.24); ref: §A1 workaround (b)
+    np.float = float  # lvis 0.5.3 still calls np.float (removed in numpy 1.24; docs/reference.md §5.1)
     logging.disable(logging.WARNING)
     from collections import defaultdict
 

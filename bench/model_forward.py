@@ -4,7 +4,7 @@ CPU (default): batch 1 at 640x640, 80 texts, eval + no_grad, fixed thread count;
 with identical weights (converted by our loader) are timed alternately, so load drift on a shared machine
 hits both alike. Prints the median latencies and the ratio ours / reference (goal <= 1.0).
 `--gpu` (when CUDA exists): v2-L images/s at batch 1 and 32 in fp16 and bf16 (paper Tab. 2: 52 FPS for L
-on a V100 without TensorRT, ref: yolo-world.md §1.6), with the reference at the same settings.
+on a V100 without TensorRT, docs/reference.md §1.5), with the reference at the same settings.
 
     .venv/bin/python bench/model_forward.py [--sizes s l] [--iters 7] [--threads 2] [--gpu]
 """
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from yworld.model import build_model
 from yworld.model.weights import from_ultralytics_state_dict
 
-NUM_TEXTS = 80  # the training / LVIS-chunk vocabulary size (ref: yolo-world.md §2 "Padding")
+NUM_TEXTS = 80  # the training / LVIS-chunk vocabulary size (docs/reference.md §2.2)
 
 
 def build_pair(size: str, device: str = "cpu"):

@@ -1,5 +1,5 @@
 """The network: output contract, anchor order, decoding, v1/v2 structure and inits, the attention blocks
-against the reference formulas (ref: yolo-world.md §1.2-§1.4), text broadcast, gradients."""
+against the reference formulas (docs/reference.md §1.2-§1.4), text broadcast, gradients."""
 from __future__ import annotations
 
 import copy
@@ -110,7 +110,7 @@ def test_anchor_order_and_dfl_decoding_in_pixels(tiny_v2):
 
 def test_v1_v2_structure_names_and_inits(tiny_v1, tiny_v2):
     sd1, sd2 = tiny_v1.state_dict(), tiny_v2.state_dict()
-    # official mmyolo names (ref §8) so checkpoints map by prefix only
+    # official mmyolo names (docs/reference.md §4) so checkpoints map by prefix only
     for key in ["backbone.stem.conv.weight", "backbone.stem.bn.running_var", "backbone.stage1.0.conv.weight",
                 "backbone.stage1.1.main_conv.conv.weight", "backbone.stage1.1.blocks.0.conv1.conv.weight",
                 "backbone.stage1.1.final_conv.bn.weight", "backbone.stage4.2.conv1.conv.weight",
@@ -131,13 +131,13 @@ def test_v1_v2_structure_names_and_inits(tiny_v1, tiny_v2):
     # contrastive bias is 0-d like the official checkpoints
     assert sd2["head.cls_contrasts.0.bias"].shape == ()
 
-    # inits (ref §1.4), on fresh models
+    # inits (docs/reference.md §1.4), on fresh models
     tiny_v1 = build_model("yolo_world_v1_tiny", text_dim=TEXT_DIM)
     tiny_v2 = build_model("yolo_world_v2_tiny", text_dim=TEXT_DIM)
     for h1, h2 in zip(tiny_v1.head.cls_contrasts, tiny_v2.head.cls_contrasts):
         assert h1.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
         assert h2.logit_scale.item() == pytest.approx(-1.0)
-    # ln(5 / 80 / (640 / s)^2) = -11.537, -10.151, -8.764 (ref §1.4 prints -11.54 / -10.16 / -8.77)
+    # ln(5 / 80 / (640 / s)^2) = -11.537, -10.151, -8.764 (docs/reference.md §1.4)
     for level, s in enumerate((8, 16, 32)):
         expected = math.log(5 / 80 / (640 / s) ** 2)
         assert tiny_v2.head.cls_contrasts[level].bias.item() == pytest.approx(expected, abs=1e-5)
@@ -149,18 +149,18 @@ def test_v1_v2_structure_names_and_inits(tiny_v1, tiny_v2):
 
 
 def test_neck_sizes_follow_the_reference_table():
-    """ref §1.2 table for S: out / mid=embed / heads per T-CSP."""
+    """docs/reference.md §1.2 table for S: out / mid=embed / heads per T-CSP."""
     model = build_model("yolo_world_v2_s")
     neck = model.neck
     layers = [neck.top_down_layers[0], neck.top_down_layers[1], neck.bottom_up_layers[0], neck.bottom_up_layers[1]]
     got = [(m.final_conv.conv.out_channels, m.mid_channels, m.attn_block.num_heads) for m in layers]
     assert got == [(256, 128, 4), (128, 64, 2), (256, 128, 4), (512, 256, 8)]
-    # head widths (ref §1.4): S cls 128, reg 64
+    # head widths (docs/reference.md §1.4): S cls 128, reg 64
     assert model.head.cls_preds[0][0].conv.out_channels == 128 and model.head.reg_preds[0][0].conv.out_channels == 64
 
 
 def test_max_sigmoid_attention_matches_reference_formula():
-    """ref §1.2 steps 1-7, written out per head, per text and per pixel."""
+    """docs/reference.md §1.2 (official `MaxSigmoidAttnBlock`), written out per head, per text and per pixel."""
     torch.manual_seed(1)
     block = MaxSigmoidAttnBlock(channels=8, embed_channels=8, num_heads=2, guide_channels=6).eval()
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_max_sigmoid_attention_matches_reference_formula():
 
 
 def test_image_pooling_attention_matches_reference_formula():
-    """ref §1.3: 27 tokens (3 levels x 3x3 max-pool), 8 heads, softmax over the tokens, text + proj(...)."""
+    """docs/reference.md §1.3: 27 tokens (3 levels x 3x3 max-pool), 8 heads, softmax over the tokens, text + proj(...)."""
     torch.manual_seed(2)
     ipa = ImagePoolingAttention((4, 6, 8), text_channels=10, embed_channels=16, num_heads=2).eval()
     feats = [torch.randn(2, c, s, s) for c, s in ((4, 12), (6, 6), (8, 3))]

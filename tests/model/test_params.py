@@ -1,4 +1,4 @@
-"""Parameter counts of every reference variant (ref: yolo-world.md §1.6; issue 2 item 3).
+"""Parameter counts of every reference variant (docs/reference.md §1.5; issue 2 item 3).
 
 Built on the meta device: shapes only, no memory or init time, so even X takes milliseconds.
 """
@@ -26,7 +26,7 @@ ULTRALYTICS = {
     "yolo_world_v1_s": 13_383_496, "yolo_world_v1_m": 29_065_310,
     "yolo_world_v1_l": 47_553_970, "yolo_world_v1_x": 73_690_217,
 }
-# issue 2 item 3 / ref §1.6, in millions
+# issue 2 item 3 / docs/reference.md §1.5, in millions
 REFERENCE_M = {
     "yolo_world_v2_s": 12.76, "yolo_world_v2_m": 28.38, "yolo_world_v2_l": 46.83, "yolo_world_v2_x": 72.89,
     "yolo_world_v1_s": 13.38, "yolo_world_v1_m": 29.07, "yolo_world_v1_l": 47.55, "yolo_world_v1_x": 73.69,
@@ -70,7 +70,7 @@ def test_text_dim_changes_only_text_facing_layers():
 
 
 def test_xl_and_tiny_sizes():
-    # XL = X base with widen 1.5 (ref §1.1); tiny is our CPU size and must stay small
+    # XL = X base with widen 1.5 (docs/reference.md §1.1); tiny is our CPU size and must stay small
     assert count("yolo_world_v2_xl") > count("yolo_world_v2_x") * 1.3
     assert count("yolo_world_v2_tiny") < 2_000_000
     assert count("yolo_world_v1_tiny") < 2_000_000

@@ -1,4 +1,4 @@
-"""Re-parameterization (ref: yolo-world.md §2 "Re-parameterization"; issue 2 item 8)."""
+"""Re-parameterization (docs/reference.md §2.4; issue 2 item 8)."""
 from __future__ import annotations
 
 import copy

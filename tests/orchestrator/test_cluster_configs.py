@@ -81,7 +81,7 @@ def test_rayjob_manifest_runs_pretrain_l(jobs_dir):
     _check_cluster_spec(spec["rayClusterSpec"], "rayjob-pretrain-l.yaml")
     derived = _derive_autoscaling_config_from_ray_cr({"metadata": job["metadata"], "spec": spec["rayClusterSpec"]})
     total_gpus = sum(t["max_workers"] * t["resources"].get("GPU", 0) for t in derived["available_node_types"].values())
-    assert total_gpus == 32  # 4 x 8, the recipe's 32 workers (yolo-world.md §3)
+    assert total_gpus == 32  # 4 x 8, the recipe's 32 workers (docs/reference.md §3.7)
 
     from yworld.orchestrator.spec import load_spec
 

@@ -132,7 +132,7 @@ def test_every_packaged_job_spec_loads_and_saves_back():
 
 @pytest.mark.parametrize("name", PRETRAIN)
 def test_pretrain_specs_state_the_paper_recipe(name):
-    """ref: yolo-world.md §3 (O365 + GoldG [+ CC3M for X], 640 px, 100 epochs, AdamW 2e-3 at 512 = 32 x 16,
+    """docs/reference.md §3 (O365 + GoldG [+ CC3M for X], 640 px, 100 epochs, AdamW 2e-3 at 512 = 32 x 16,
     effective weight decay 0.2, warmup 3 epochs / >= 1000 steps, linear to 0.01x, clip 10, EMA 1e-4,
     close mosaic 2, AMP, frozen CLIP, TAL)."""
     job = spec_lib.load_spec(name)

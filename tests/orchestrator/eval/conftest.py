@@ -1,7 +1,7 @@
 """Fixtures for the evaluation tests: the committed fixture files and the official APIs to compare with.
 
 lvis-api 0.5.3 (the PyPI release) calls `np.float`, removed in numpy 1.24; the fix is applied here, in the
-tests only (ref: eval-and-assignment.md §A1 workaround (b)), and removed again afterwards.
+tests only (docs/reference.md §5.1), and removed again afterwards.
 """
 from __future__ import annotations
 
