@@ -182,7 +182,7 @@ def test_max_sigmoid_attention_matches_reference_formula():
 
 
 def test_image_pooling_attention_matches_reference_formula():
-    """docs/reference.md §1.3: 27 tokens (3 levels x 3x3 max-pool), 8 heads, softmax over the tokens, text + proj(...)."""
+    """docs/reference.md §1.3: 27 tokens (3 levels x 3x3 max-pool), 8 heads, softmax over the tokens, text + proj."""
     torch.manual_seed(2)
     ipa = ImagePoolingAttention((4, 6, 8), text_channels=10, embed_channels=16, num_heads=2).eval()
     feats = [torch.randn(2, c, s, s) for c, s in ((4, 12), (6, 6), (8, 3))]
