@@ -3,7 +3,7 @@
 The schema is the contract between ingest (writes Parquet shards) and the training stream / evaluation
 (reads them); see docs/architecture.md "Records". Transforms and collate never branch on the source: a
 detection image, a grounding caption and a pseudo-labelled web image all look the same here, except for
-`kind` and `is_image_text` (lambda_I = 0: no box loss; paper §3.2, docs/reference.md §3.5).
+`kind` and `is_image_text` (lambda_I = 0: no box loss; paper §3.4, docs/reference.md §3.5).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 COCO-style file whose annotations carry a `tokens` string, the noun phrase the pseudo box belongs to
 (AILab-CVC/YOLO-World `yolo_world/datasets/yolov5_cc3m_grounding.py`; docs/reference.md §3.1). Records are
 `kind="image_text"`, `is_image_text=True`: the paper's lambda_I = 0, contrastive loss only, no box loss,
-because pseudo boxes are too noisy to regress on (paper §3.2; docs/reference.md §3.5).
+because pseudo boxes are too noisy to regress on (paper §3.4; docs/reference.md §3.5).
 """
 from __future__ import annotations
 
