@@ -19,7 +19,7 @@ _DANGLING = [
     "../" + "shared",  # the folder beside the checkout that held them
     "shared/" + "reference",
     "design" + ".md",  # the starting design sketch
-    "ref " + "§",  # a bare section number of those notes ("ref §3"), with no document named
+    "ref " + "§",  # a bare section number of those notes, with no document named
     "ref: " + "§",
 ]
 _DANGLING_RE = re.compile("|".join(re.escape(p) for p in _DANGLING))
@@ -89,7 +89,8 @@ def test_the_scan_finds_a_dangling_reference(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / _REFERENCE_DOC).write_text("# Facts\n\n## 1. Architecture\n\n### 1.1 Backbone\n")
     (tmp_path / "good.py").write_text('"""BN momentum 0.03 (docs/reference.md §1.1)."""\n')
-    (tmp_path / "bad.py").write_text(f'x = 1\n# see {_DANGLING[0]} §1.1\ny = 2  # docs/reference.md §9.9\n')
+    missing_section = "§" + "9.9"  # in pieces, so that this file does not cite it
+    (tmp_path / "bad.py").write_text(f'x = 1\n# see {_DANGLING[0]} §1.1\ny = 2  # {_REFERENCE_DOC} {missing_section}\n')
     subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
     assert dangling_references(tmp_path) == [f"bad.py:2: # see {_DANGLING[0]} §1.1"]
-    assert unknown_reference_sections(tmp_path) == ["bad.py:3: §9.9"]
+    assert unknown_reference_sections(tmp_path) == [f"bad.py:3: {missing_section}"]
