@@ -90,7 +90,8 @@ def test_the_scan_finds_a_dangling_reference(tmp_path):
     (tmp_path / _REFERENCE_DOC).write_text("# Facts\n\n## 1. Architecture\n\n### 1.1 Backbone\n")
     (tmp_path / "good.py").write_text('"""BN momentum 0.03 (docs/reference.md §1.1)."""\n')
     missing_section = "§" + "9.9"  # in pieces, so that this file does not cite it
-    (tmp_path / "bad.py").write_text(f'x = 1\n# see {_DANGLING[0]} §1.1\ny = 2  # {_REFERENCE_DOC} {missing_section}\n')
+    bad = f"x = 1\n# see {_DANGLING[0]} §1.1\ny = 2  # {_REFERENCE_DOC} {missing_section}\n"
+    (tmp_path / "bad.py").write_text(bad)
     subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
     assert dangling_references(tmp_path) == [f"bad.py:2: # see {_DANGLING[0]} §1.1"]
     assert unknown_reference_sections(tmp_path) == [f"bad.py:3: {missing_section}"]
