@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -116,15 +117,41 @@ def _upload_meta_last(checkpoint, dir_name: str):
 
 @contextlib.contextmanager
 def resume_directory() -> Iterator[str | None]:
-    """The latest registered checkpoint of this run as a local folder (downloaded when remote), or None."""
+    """The latest registered checkpoint of this run as a local folder, or None. Every rank calls it.
+
+    A remote checkpoint (s3://) is downloaded ONCE per node, by the node's local rank 0, into a folder the
+    node's ranks share, and read after a barrier. Not Ray's `Checkpoint.as_directory()`: when one rank has
+    finished its download and released Ray's lock, a second rank of the node downloads again into the same
+    folder, rewriting files the first is already reading (seen: "PytorchStreamReader failed reading file")."""
+    import pyarrow.fs as pafs
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         yield None
         return
-    with checkpoint.as_directory() as directory:
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    local_rank = ray.train.get_context().get_local_rank()
+    key = zlib.crc32(f"{checkpoint.filesystem.type_name}:{checkpoint.path}".encode())
+    directory = os.path.join(tempfile.gettempdir(), f"yworld-resume-{key:08x}")
+    if local_rank == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        checkpoint.to_directory(directory)
+    _barrier()  # the node's copy is complete before anyone reads it
+    try:
         yield directory
+    finally:
+        _barrier()  # nobody reads it any more
+        if local_rank == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _barrier() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def read_meta(directory: str) -> dict:

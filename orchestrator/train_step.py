@@ -36,7 +36,7 @@ _NORM_LAST, _NONFINITE, _STREAK, _MAX_STREAK = 3, 4, 5, 6
 class StepMetrics:
     """What the steps since the last report did, accumulated where it was computed.
 
-    On the device: the loss parts (summed over micro-batches), the last gradient norm, how many steps had a
+    On the device: the loss parts (summed over micro-batches, and over the ranks when read), the last gradient norm, how many steps had a
     non-finite loss or gradient, the current run of consecutive non-finite steps and its longest run in the
     window (what a divergence stop needs, read at report time without a per-step sync). On the host: images,
     micro-batches, time waiting for the stream, and a CRC of the image ids trained on (rank 0's view; equal
@@ -89,16 +89,22 @@ class StepMetrics:
         self.steps += 1
 
     def read(self, world: int) -> dict[str, float]:
-        """The window's metrics on the host (ONE device-to-host copy), then a fresh window. The run of
-        non-finite steps carries over to the next window."""
-        values = self.values.tolist()
-        n = max(self.micro, 1)
-        parts = {k: values[i] / n for i, k in enumerate(LOSS_PARTS)}
+        """The window's metrics on the host, then a fresh window. Every rank calls it at the same step: the
+        loss parts and the micro-batch and image counts are summed over the ranks (one all-reduce), so `loss`
+        is the mean over ALL workers' samples; then ONE device-to-host copy. Gradient norm, non-finite counts
+        and the digest are this rank's (the norm is the same on every rank). The run of non-finite steps
+        carries over to the next window."""
+        totals = torch.cat([self.values[_PARTS], self.values.new_tensor([self.micro, self.images])])
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        host = torch.cat([totals, self.values]).tolist()
+        (*part_sums, micro, images), values = host[:5], host[5:]
+        parts = {k: v / max(micro, 1) for k, v in zip(LOSS_PARTS, part_sums)}
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         out = {"loss": sum(parts.values()), **parts, "grad_norm": values[_NORM_LAST],
                "nonfinite_steps": int(values[_NONFINITE]), "nonfinite_streak": int(values[_STREAK]),
                "max_nonfinite_streak": int(values[_MAX_STREAK]),
-               "images_per_s": self.images * world / elapsed, "data_wait_frac": self.data_wait / elapsed,
+               "images_per_s": images / elapsed, "data_wait_frac": self.data_wait / elapsed,
                "sample_digest": self.digest}
         self.values[: _STREAK].zero_()
         self.values[_MAX_STREAK] = self.values[_STREAK]
