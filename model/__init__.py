@@ -6,8 +6,8 @@ Public API:
 - `reparameterize(model, text_embeds)` (reparam.py);
 - `letterbox`, `nms_detections`, `Detections` (postprocess.py); `predict(model, images, ...)` lives in
   `yworld.model.predict` (not re-exported: the name is also the module's, which Python would shadow);
-- `load_weights`, `save_weights`, `load_model`, `TextEncoder`, `Vocabulary` (weights.py, text.py), imported lazily because they pull in
-  heavier dependencies.
+- `load_weights`, `save_weights`, `load_model`, `TextEncoder`, `Vocabulary` (weights.py, text.py).
+Every name is imported on first use, so that importing `yworld.model.errors` does not import torch.
 
 State-dict names mirror the official mmyolo checkpoints (official `backbone.image_model.X` -> `backbone.X`,
 `neck.X` -> `neck.X`, `bbox_head.head_module.X` -> `head.X`); see detector.py.
@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import importlib
 
-from .detector import ModelConfig, YOLOWorld
 from .errors import YWorldError
-from .head import HeadOutputs
-from .registry import build_from_config, build_model, list_models, model_config
 
+# Every name but the error type is imported on first use: `import yworld.model.errors` (the CLI's error
+# handling, the metrics CLI, storage) must not import torch.
 _LAZY = {
+    "ModelConfig": "detector",
+    "YOLOWorld": "detector",
+    "HeadOutputs": "head",
+    "build_from_config": "registry",
+    "build_model": "registry",
+    "list_models": "registry",
+    "model_config": "registry",
     "reparameterize": "reparam",
     "letterbox": "postprocess",
     "nms_detections": "postprocess",

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from yworld.model.errors import YWorldError  # torch-free: yworld.model imports its modules on first use
+
 # name -> (module, one-line help). Order is the order shown by `yworld --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("yworld.orchestrator.run", "run a job spec (YAML) here; starts a local Ray without a cluster address"),
@@ -29,17 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    found = {}
-    for name, (module, help_) in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            found[name] = (module, help_)
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = _available()
     parser = argparse.ArgumentParser(
         prog="yworld",
         description="YOLO-World open-vocabulary detection: pretraining, evaluation and serving on Ray.",
@@ -47,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    for name, (module, help_) in commands.items():
+    for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         if name == chosen:
             mod = importlib.import_module(module)
@@ -57,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from yworld.model.errors import YWorldError
-
     try:
         return int(args._module.main(args) or 0)
     except YWorldError as e:
