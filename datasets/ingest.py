@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from yworld.datasets.storage import (
     TMP_SUFFIX, StorageOptions, filesystem, probe, read_bytes, storage_errors, write_bytes_atomic,
 )
 from yworld.model.errors import ConfigError, DataError, StorageError, YWorldError
+from yworld.orchestrator.ray_setup import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -197,16 +197,6 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def _ensure_ray():
-    import ray
-
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-        return True
-    return False
-
-
 def _run_shards(jobs: list[tuple], cfg: IngestConfig, storage: StorageOptions, progress: bool) -> list[dict]:
     """Run `write_shard` for every job on Ray with a bounded number in flight; results in job order."""
     import ray
@@ -292,7 +282,7 @@ def ingest(cfg: IngestConfig, storage: StorageOptions | None = None, progress: b
     jobs = [(i, chunk, cfg.out, _shard_key(plan, chunk), storage, min_size, cfg.row_group_size, cfg.max_image_pixels)
             for i, chunk in enumerate(chunks)]
     _retract_outdated_manifest(cfg, storage, plan)
-    started_ray = _ensure_ray()
+    started_ray = ensure_ray()
     try:
         results = _run_shards(jobs, cfg, storage, progress)
     finally:

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
-from yworld.orchestrator import console
-from yworld.orchestrator.submit import JOB_ENV, durable_path_problem, in_submitted_job, submitted_runtime_env
+from yworld.datasets.storage import join
+from yworld.model.errors import ConfigError, YWorldError
+from yworld.orchestrator import ray_setup
+from yworld.orchestrator.eval import job as eval_job
+from yworld.orchestrator.eval import watch as eval_watch
+from yworld.orchestrator.ray_setup import in_submitted_job, init_ray
+from yworld.orchestrator.spec import dump_spec, load_spec
+from yworld.orchestrator.submit import durable_path_problem
 
 # Ray Train V2 is the API this package codes against, and our console settings: before anything imports ray.
-for _key, _value in JOB_ENV.items():
-    os.environ.setdefault(_key, _value)
-console.configure_ray_environment()
+ray_setup.configure_environment()
 
-from yworld.model.errors import ConfigError, YWorldError  # noqa: E402
-
-__all__ = ["add_arguments", "main", "run_job", "init_ray"]
+__all__ = ["add_arguments", "main", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -31,43 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a spec field, e.g. --set train.epochs=3 (repeatable)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: spec, $RAY_ADDRESS, local)")
-
-
-def init_ray(address: str | None, min_cpus: float = 0) -> None:
-    """Connect to the cluster at `address`, or start a local Ray with at least `min_cpus` logical CPUs
-    (Train workers hold theirs for the whole run; Ray Data's decode/augment tasks need free ones)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    console.quiet_ray_loggers()
-    # every process of the job: the driver's settings, and Ray's helpers pointed at this cluster (console.py)
-    runtime_env = {"env_vars": {**JOB_ENV, **console.ENV}, "worker_process_setup_hook": console.SETUP_HOOK}
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, runtime_env=_beside_submission(runtime_env), log_to_driver=True)
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, local Ray
-    num_cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
-    # address="local": always a new private Ray, never a `ray start` cluster that happens to run on this host
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
-    log.info("started a private local Ray (%d CPUs; no cluster address given)", num_cpus)
-
-
-def _beside_submission(runtime_env: dict) -> dict | None:
-    """What of `runtime_env` a Jobs API job's driver may add: Ray refuses to merge a driver's runtime env that
-    sets a field or an environment variable the submission already set, even to the same value."""
-    submitted = submitted_runtime_env()
-    env_vars = {k: v for k, v in runtime_env.get("env_vars", {}).items()
-                if k not in (submitted.get("env_vars") or {})}
-    out = {k: v for k, v in runtime_env.items() if k != "env_vars" and k not in submitted}
-    if env_vars:
-        out["env_vars"] = env_vars
-    return out or None
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved spec (every default filled in) as YAML and exit without running")
 
 
 def run_job(job, address: str | None = None) -> object:
     """Run a loaded job spec; returns what the job kind returns (TrainOutcome, eval results, ...)."""
+    # Training, ingest and pseudo-labelling import torch: imported by the kind that runs them, so that
+    # `yworld run --dry-run` and the eval kinds do not pay for it.
     kind = job.kind
     if kind == "train":
         from yworld.orchestrator.trainer import fit
@@ -77,12 +49,9 @@ def run_job(job, address: str | None = None) -> object:
         init_ray(address or job.address, min_cpus=max_workers * scaling.cpus_per_worker + 2)
         outcome = fit(job)
         if job.eval is not None:  # evaluate the final model; results join the run's eval table
-            from yworld.orchestrator.eval.job import evaluate_run_model
-
-            outcome.evaluation = evaluate_run_model(job.eval, outcome.run_url, job.model.text_encoder,
+            outcome.evaluation = eval_job.evaluate_run_model(job.eval, outcome.run_url, job.model.text_encoder,
                                                     job.storage)
         if job.pseudo_label is not None:  # the final model labels new image-text pairs (self-training)
-            from yworld.datasets.storage import join
             from yworld.orchestrator.pseudo_label.job import label
 
             outcome.pseudo_label = label(job.pseudo_label, job.storage, weights=outcome.final_model,
@@ -100,17 +69,16 @@ def run_job(job, address: str | None = None) -> object:
 
         return run_pseudo_label(job, address)
     if kind == "eval":
-        from yworld.orchestrator.eval.job import run_job as run_eval
-    else:
-        from yworld.orchestrator.eval.watch import run_job as run_eval
-    return run_eval(job, address)
+        return eval_job.run_job(job, address)
+    return eval_watch.run_job(job, address)
 
 
 def main(args: argparse.Namespace) -> int:
-    from yworld.orchestrator.spec import load_spec
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = load_spec(args.job, args.overrides)
+    if args.dry_run:  # the spec as it would run (credentials redacted), without Ray
+        print(dump_spec(job), end="")
+        return 0
     if in_submitted_job():  # `ray job submit ... -- yworld run ...`: the same check as `yworld submit`
         problem = durable_path_problem(job)
         if problem:
@@ -120,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
     except YWorldError:
         raise
     except Exception as e:  # a training failure past FailureConfig: say where to continue from
-        from ray.train import TrainingFailedError
+        from ray.train import TrainingFailedError  # Ray: only once a job has run
 
         if isinstance(e, TrainingFailedError):
             raise YWorldError(f"job {getattr(job, 'name', '')}: training failed ({_cause(e)}); "
@@ -136,9 +104,7 @@ def main(args: argparse.Namespace) -> int:
     elif job.kind in ("eval", "pseudo_label"):
         print(outcome.format())
     elif job.kind == "eval-watch":
-        from yworld.orchestrator.eval.watch import summary
-
-        print(summary(job, outcome))
+        print(eval_watch.summary(job, outcome))
     return 0
 
 

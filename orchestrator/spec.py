@@ -37,8 +37,8 @@ __all__ = [
 JOB_KINDS: dict[str, str] = {
     "train": "yworld.orchestrator.train_spec:TrainJob",
     "ingest": "yworld.orchestrator.train_spec:IngestJob",
-    "eval": "yworld.orchestrator.eval.job:EvalJob",
-    "eval-watch": "yworld.orchestrator.eval.watch:WatchJob",
+    "eval": "yworld.orchestrator.eval.spec:EvalJob",
+    "eval-watch": "yworld.orchestrator.eval.spec:WatchJob",
     "pseudo_label": "yworld.orchestrator.pseudo_label.job:PseudoLabelJob",
 }
 

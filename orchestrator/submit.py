@@ -35,21 +35,17 @@ from pathlib import Path
 
 from yworld.datasets.storage import is_local, redact_url
 from yworld.model.errors import ConfigError, YWorldError
+from yworld.orchestrator.ray_setup import JOB_ENV
+from yworld.orchestrator.spec import load_spec, resolve_job_path
 
 __all__ = ["add_arguments", "main", "build_submission", "auth_headers", "durable_path_problem",
-           "in_submitted_job", "WORKING_DIR_EXCLUDES", "JOB_ENV"]
+           "WORKING_DIR_EXCLUDES"]
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 # Never uploaded with the working dir: environments, run outputs, data, VCS metadata.
 WORKING_DIR_EXCLUDES = [".venv", "venv", "runs", "data", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache",
                         "*.safetensors", "*.pt", "*.pth"]
-
-# Set on the driver and on every worker of the job (the driver adds none of these again: see run.init_ray).
-JOB_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-# Ray sets this in the environment of a Jobs API job's driver (the job's runtime env and metadata).
-_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -71,8 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 # ------------------------------------------------------------------------------------------ the submission
 def build_submission(job: str, overrides: list[str], working_dir: str | Path) -> dict:
     """The keyword arguments of `JobSubmissionClient.submit_job` for a job spec (validated here first)."""
-    from yworld.orchestrator.spec import load_spec, resolve_job_path
-
     spec = load_spec(job, overrides)  # fail fast, locally, with the one-line error
     problem = durable_path_problem(spec)
     if problem:
@@ -107,21 +101,6 @@ def durable_path_problem(spec) -> str | None:
 def _absolute(path: str) -> bool:
     path = path[len("file://"):] if path.startswith("file://") else path
     return os.path.isabs(os.path.expanduser(path))
-
-
-def in_submitted_job() -> bool:
-    """True in the driver of a job started through Ray's Jobs API (`yworld submit` or `ray job submit`)."""
-    return _JOB_CONFIG_ENV in os.environ
-
-
-def submitted_runtime_env() -> dict:
-    """The runtime env the job was submitted with ({} outside a Jobs API job)."""
-    import json
-
-    try:
-        return dict(json.loads(os.environ.get(_JOB_CONFIG_ENV, "{}")).get("runtime_env") or {})
-    except ValueError:
-        return {}
 
 
 # ------------------------------------------------------------------------------------------ the cluster

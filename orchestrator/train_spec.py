@@ -14,7 +14,7 @@ from yworld.datasets.ingest import IngestConfig
 from yworld.datasets.storage import StorageOptions
 from yworld.datasets.stream import StreamConfig
 from yworld.model.optim import OFFICIAL_WARMUP_BIAS
-from yworld.orchestrator.eval.job import TrainEvalSpec
+from yworld.orchestrator.eval.spec import TrainEvalSpec
 from yworld.orchestrator.pseudo_label.job import PseudoLabelSpec
 from yworld.orchestrator.spec import check_folder_name, check_range
 from yworld.orchestrator.strategy import StrategyConfig

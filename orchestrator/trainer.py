@@ -12,13 +12,13 @@ up from the latest checkpoint (train_loop.py).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from typing import Any
 
 from yworld.datasets import storage as storage_lib
 from yworld.model.errors import DivergenceError
 from yworld.orchestrator.checkpoint import checkpoint_dir_name
+from yworld.orchestrator.ray_setup import worker_env
 from yworld.orchestrator.spec import dump_spec
 from yworld.orchestrator.train_spec import TrainJob
 
@@ -88,21 +88,13 @@ def build_trainer(job: TrainJob, datasets: dict, plan: dict, callbacks: list | N
             failure_config=ray.train.FailureConfig(max_failures=job.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
             callbacks=callbacks or [],
-            worker_runtime_env={"env_vars": _worker_env()},
+            worker_runtime_env={"env_vars": worker_env()},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own bar and metrics instead
         ),
         datasets=datasets,
         # deterministic order for a seeded stream: a resumed run reads what the uninterrupted one would have
         dataset_config=stream_data_config(job.data),
     )
-
-
-def _worker_env() -> dict[str, str]:
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    return env
 
 
 def _save_spec(job: TrainJob, url: str) -> None:

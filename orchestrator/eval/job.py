@@ -18,107 +18,28 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 
-from yworld.datasets.storage import StorageOptions, filesystem, join
+from yworld.datasets.storage import StorageOptions, filesystem, join, write_bytes_atomic
 from yworld.model.errors import ConfigError, DataError, WeightsError
-from yworld.orchestrator.spec import check_folder_name, check_range
+from yworld.orchestrator.eval import lease, report
+from yworld.orchestrator.eval.coco_metrics import evaluate_coco
+from yworld.orchestrator.eval.ground_truth import load_ground_truth, read_json
+from yworld.orchestrator.eval.lvis_metrics import evaluate_lvis
+from yworld.orchestrator.eval.metrics_cli import format_rows
+from yworld.orchestrator.eval.results_io import Detections
+from yworld.orchestrator.eval.spec import DatasetSpec, EvalJob, InferenceSpec, TextSpec, TrainEvalSpec, check_protocols
+from yworld.orchestrator.ray_setup import init_ray
+from yworld.orchestrator.spec import load_spec
+
+# torch, OpenCV, pyarrow and Ray are imported inside the functions that need them (actors, inference, outputs):
+# the spec loader, `yworld run --dry-run` and the metrics CLI import this module without paying for them.
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DatasetSpec", "InferenceSpec", "TextSpec", "EvalJob", "EvalOutcome", "TrainEvalSpec", "evaluate_model",
-           "evaluate_run_model", "run_job", "add_arguments", "main"]
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """The val set: a GT JSON and the folder its images are in."""
-
-    format: Literal["lvis", "coco"] = "lvis"
-    annotations: str = ""   # URL of the GT JSON
-    images: str = ""        # URL of the image folder; each image's `file_name` is relative to it (LVIS v1 has
-                            # none: the part of `coco_url` after images.cocodataset.org/, e.g. val2017/x.jpg)
-    class_texts: str = ""   # optional class-text JSON (official format, category-id order); default: the GT's
-                            # synonyms / names with '_' read as ' '
-    held_out: list[str] = field(default_factory=list)  # category names also reported apart (zero-shot split)
-    max_images: int = 0     # evaluate the first N images only (0: all), for quick checks
-
-    def __post_init__(self):
-        if self.max_images < 0:
-            raise ValueError("max_images must be >= 0")
-
-
-@dataclass(frozen=True)
-class InferenceSpec:
-    """Per-image settings of the detector. Paper protocol for Fixed AP: 1000 detections per image at score
-    0.001 (paper §4.2; docs/reference.md §5.3); the standard protocol trims to 300 per image itself."""
-
-    img_size: int = 640
-    batch_size: int = 8
-    score_threshold: float = 0.001
-    max_dets_per_image: int = 1000
-    nms_iou: float = 0.7
-    pre_nms_topk: int = 30000
-    num_actors: int = 1      # actors in the pool (one model replica each)
-    use_gpu: bool = False    # one GPU per actor (an actor without CUDA then fails, it never falls back to CPU)
-    cpus_per_actor: float = 1.0
-    # On GPU the network runs under autocast in this dtype (boxes are decoded in fp32 whatever it is, the
-    # head's contract); a CPU actor always runs fp32.
-    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
-    # Ray accelerator type the actors' GPUs must be (e.g. "A10G"): puts evaluation on its own GPU pool, so
-    # it never holds a GPU the training run needs to restart (jobs/cluster/aws-4x8gpu.yaml: gpu_eval).
-    accelerator_type: str = ""
-
-    def __post_init__(self):
-        if self.img_size % 32 or self.img_size <= 0:
-            raise ValueError(f"img_size must be a positive multiple of 32, got {self.img_size}")
-        if self.batch_size < 1 or self.num_actors < 1 or self.max_dets_per_image < 1 or self.cpus_per_actor <= 0:
-            raise ValueError("batch_size, num_actors, max_dets_per_image must be >= 1 and cpus_per_actor > 0")
-        if not 0 <= self.score_threshold < 1 or not 0 < self.nms_iou <= 1:
-            raise ValueError("score_threshold must be in [0, 1) and nms_iou in (0, 1]")
-        check_range(self, "pre_nms_topk", 1)
-
-
-@dataclass(frozen=True)
-class TextSpec:
-    """Where the class-text embeddings come from."""
-
-    encoder: str = "openai/clip-vit-base-patch32"  # HF id / folder / "minilm"; must match the model's text_dim
-    vocabulary: str = ""  # an offline Vocabulary (.safetensors + .json) holding the class texts: no encoder
-
-
-Protocol = Literal["standard", "fixed", "coco"]
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    kind: Literal["eval"]
-    name: str = "eval"
-    description: str = ""
-    address: str = ""
-    storage: StorageOptions = field(default_factory=StorageOptions)
-    model: str = ""          # our weights (.safetensors + .json), or a checkpoint / final/ folder holding them
-    text: TextSpec = field(default_factory=TextSpec)
-    dataset: DatasetSpec = field(default_factory=DatasetSpec)
-    inference: InferenceSpec = field(default_factory=InferenceSpec)
-    protocols: list[Protocol] = field(default_factory=lambda: ["standard", "fixed"])
-    output: str = "runs/eval"  # predictions and metrics go to {output}/{name}/
-
-    def __post_init__(self):
-        _check_protocols(self.protocols, self.dataset.format)
-        check_folder_name(self.name, "name")
-        if not self.model:
-            raise ValueError("model: give the weights to evaluate (a .safetensors file or a checkpoint folder)")
-
-
-def _check_protocols(protocols: list[str], fmt: str) -> None:
-    allowed = {"lvis": {"standard", "fixed"}, "coco": {"coco"}}[fmt]
-    bad = [p for p in protocols if p not in allowed]
-    if bad or not protocols:
-        raise ValueError(f"protocols: {bad or protocols} do not apply to {fmt} data; choose from {sorted(allowed)}")
+__all__ = ["EvalOutcome", "evaluate_model", "evaluate_run_model", "resolve_weights", "run_job", "add_arguments", "main"]
 
 
 @dataclass(frozen=True)
@@ -133,24 +54,7 @@ class EvalOutcome:
 
     def format(self) -> str:
         """The metrics as a text table: one block per protocol, one column per category split."""
-        from yworld.orchestrator.eval.metrics_cli import format_rows
-
         return format_rows(self.rows, f"{self.detections:,} detections -> {self.output}")
-
-
-@dataclass(frozen=True)
-class TrainEvalSpec:
-    """The `eval:` section of a train job: evaluate the final model when training ends (the smoke job
-    reports seen vs held-out AP this way). Results join the run's evaluation table like eval-watch's."""
-
-    name: str = "val"  # {run}/eval/{name}/
-    dataset: DatasetSpec = field(default_factory=DatasetSpec)
-    inference: InferenceSpec = field(default_factory=InferenceSpec)
-    protocols: list[Protocol] = field(default_factory=lambda: ["standard", "fixed"])
-
-    def __post_init__(self):
-        _check_protocols(self.protocols, self.dataset.format)
-        check_folder_name(self.name, "name")
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -285,16 +189,16 @@ def class_texts(gt: dict, class_texts_url: str, storage: StorageOptions) -> tupl
     return ids, [str(n).replace("_", " ") for n in names]
 
 
-def _text_embeddings(texts: list[str], text: TextSpec, cache_url: str) -> np.ndarray:
+def _text_embeddings(texts: list[str], text: TextSpec, cache_url: str, storage: StorageOptions) -> np.ndarray:
     """[N, D] float32 embeddings: the offline vocabulary if given; else the one cached beside the outputs by
     an earlier evaluation with the same encoder; else the encoder (and the result is cached)."""
     from yworld.model.vocabulary import Vocabulary
 
     if text.vocabulary:
-        return Vocabulary.load(text.vocabulary).encode(texts).numpy().astype(np.float32)
+        return _load_vocabulary(text.vocabulary, storage).encode(texts).numpy().astype(np.float32)
     if cache_url:
         try:
-            cached = Vocabulary.load(cache_url)
+            cached = _load_vocabulary(cache_url, storage)
             if cached.encoder_id == text.encoder:
                 return cached.encode(texts).numpy().astype(np.float32)
         except (FileNotFoundError, DataError, WeightsError):
@@ -303,8 +207,43 @@ def _text_embeddings(texts: list[str], text: TextSpec, cache_url: str) -> np.nda
 
     vocab = Vocabulary.from_encoder(TextEncoder(text.encoder, device="cpu"), texts)
     if cache_url:
-        vocab.save(cache_url)
+        _save_vocabulary(vocab, cache_url, storage)
     return vocab.embeddings.numpy().astype(np.float32)
+
+
+def _vocabulary_files(url: str) -> tuple[str, str]:
+    """The `.safetensors` + `.json` pair of an offline vocabulary given by its stem or either file."""
+    stem = url.rsplit(".", 1)[0] if url.endswith((".safetensors", ".json")) else url
+    return stem + ".safetensors", stem + ".json"
+
+
+def _load_vocabulary(url: str, storage: StorageOptions):
+    """An offline vocabulary read through the job's storage (its endpoint and keys, not fsspec's defaults)."""
+    import tempfile
+
+    from yworld.model.vocabulary import Vocabulary
+
+    if url.endswith(".npy"):
+        return Vocabulary.load(url)  # the official format names its text file: its own error says so
+    fs, _ = filesystem(url, storage)
+    with tempfile.TemporaryDirectory(prefix="yworld-vocab-") as tmp:
+        for remote in _vocabulary_files(url):
+            _, path = filesystem(remote, storage)
+            with open(os.path.join(tmp, os.path.basename(path)), "wb") as f:
+                f.write(fs.cat_file(path))
+        return Vocabulary.load(os.path.join(tmp, os.path.basename(_vocabulary_files(url)[0])))
+
+
+def _save_vocabulary(vocab, url: str, storage: StorageOptions) -> None:
+    import tempfile
+
+    fs, _ = filesystem(url, storage)
+    with tempfile.TemporaryDirectory(prefix="yworld-vocab-") as tmp:
+        local = vocab.save(os.path.join(tmp, "vocabulary"))
+        for remote, name in zip(_vocabulary_files(url), (local, local[: -len(".safetensors")] + ".json")):
+            _, path = filesystem(remote, storage)
+            with open(name, "rb") as f:
+                write_bytes_atomic(fs, path, f.read())
 
 
 def resolve_weights(model: str, storage: StorageOptions) -> str:
@@ -319,16 +258,14 @@ def evaluate_model(weights: str, dataset: DatasetSpec, inference: InferenceSpec,
                    protocols: list[str], output: str, storage: StorageOptions,
                    vocabulary_cache: str = "") -> EvalOutcome:
     """Inference + metrics for one set of weights; writes the outputs under `output`. Needs Ray."""
-    from yworld.orchestrator.eval.ground_truth import load_ground_truth, read_json
-
     storage = storage.resolved()
-    _check_protocols(protocols, dataset.format)
+    check_protocols(protocols, dataset.format)
     if not dataset.annotations or not dataset.images:
         raise ConfigError("dataset: set both annotations (GT JSON) and images (image folder)")
     gt_dict = read_json(dataset.annotations, dataset.annotations)
     gt = load_ground_truth(gt_dict, dataset.format, name=dataset.annotations)  # validate before inference
     category_ids, texts = class_texts(gt_dict, dataset.class_texts, storage)
-    embeds = _text_embeddings(texts, text, vocabulary_cache or join(output, "vocabulary"))
+    embeds = _text_embeddings(texts, text, vocabulary_cache or join(output, "vocabulary"), storage)
     images = image_list(gt_dict, dataset.images, dataset.max_images)
     log.info("evaluating %s on %d images x %d categories (%s)", weights, len(images), len(texts),
              ", ".join(protocols))
@@ -339,13 +276,8 @@ def evaluate_model(weights: str, dataset: DatasetSpec, inference: InferenceSpec,
 
 
 def _metrics_rows(gt, gt_dict: dict, table, dataset: DatasetSpec, protocols: list[str], evaluated: set) -> list[dict]:
-    from yworld.orchestrator.eval.coco_metrics import evaluate_coco
-    from yworld.orchestrator.eval.lvis_metrics import evaluate_lvis
-
     dets = detections_from_table(table, "predictions")
     if len(evaluated) < len(gt.image_ids):  # max_images: score the evaluated images only
-        from yworld.orchestrator.eval.ground_truth import load_ground_truth
-
         sub = dict(gt_dict, images=[i for i in gt_dict["images"] if i["id"] in evaluated],
                    annotations=[a for a in gt_dict["annotations"] if a["image_id"] in evaluated])
         gt = load_ground_truth(sub, dataset.format, name=gt.source)
@@ -373,9 +305,7 @@ def _metrics_rows(gt, gt_dict: dict, table, dataset: DatasetSpec, protocols: lis
     return rows
 
 
-def detections_from_table(table, source: str):
-    from yworld.orchestrator.eval.results_io import Detections
-
+def detections_from_table(table, source: str) -> Detections:
     col = lambda n: table.column(n).to_numpy()  # noqa: E731
     return Detections(source, col("image_id").astype(np.int64), col("category_id").astype(np.int64),
                       np.stack([col("x"), col("y"), col("w"), col("h")], 1).astype(np.float64).reshape(-1, 4),
@@ -384,8 +314,6 @@ def detections_from_table(table, source: str):
 
 def _write_outputs(output: str, table, rows: list[dict], storage: StorageOptions) -> None:
     import pyarrow.parquet as pq
-
-    from yworld.datasets.storage import write_bytes_atomic
 
     fs, root = filesystem(output, storage)
     buf = io.BytesIO()
@@ -400,9 +328,6 @@ def evaluate_run_model(spec: TrainEvalSpec, run_url: str, text_encoder: str, sto
                        model_dir: str = "final") -> EvalOutcome:
     """Evaluate `{run_url}/{model_dir}/` (model.safetensors + model.json [+ meta.json]) into
     `{run_url}/eval/{spec.name}/{model_dir}/`, record it in the run's table and report. Needs Ray."""
-    from yworld.datasets.storage import write_bytes_atomic
-    from yworld.orchestrator.eval import claims, report
-
     storage = storage.resolved()
     model_url, eval_url = join(run_url, model_dir), join(run_url, "eval", spec.name)
     fs, meta_path = filesystem(join(model_url, "meta.json"), storage)
@@ -411,7 +336,7 @@ def evaluate_run_model(spec: TrainEvalSpec, run_url: str, text_encoder: str, sto
     outcome = evaluate_model(join(model_url, "model.safetensors"), spec.dataset, spec.inference,
                              TextSpec(encoder=text_encoder), list(spec.protocols), output, storage,
                              vocabulary_cache=join(eval_url, "vocabulary"))
-    done_fs, done_path = filesystem(join(output, claims.DONE), storage)
+    done_fs, done_path = filesystem(join(output, lease.DONE), storage)
     write_bytes_atomic(done_fs, done_path, json.dumps({
         "checkpoint": model_dir, "step": int(meta.get("step", 0)), "epoch": int(meta.get("epoch", 0)),
         "rows": outcome.rows}).encode())
@@ -420,8 +345,6 @@ def evaluate_run_model(spec: TrainEvalSpec, run_url: str, text_encoder: str, sto
 
 
 def run_job(job: EvalJob, address: str | None = None) -> EvalOutcome:
-    from yworld.orchestrator.run import init_ray
-
     init_ray(address or job.address, min_cpus=job.inference.num_actors * job.inference.cpus_per_actor + 1)
     return evaluate_model(job.model, job.dataset, job.inference, job.text, list(job.protocols),
                           join(job.output, job.name), job.storage)
@@ -436,8 +359,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from yworld.orchestrator.spec import load_spec
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = load_spec(args.job, args.overrides)
     if job.kind != "eval":

@@ -11,7 +11,11 @@ import argparse
 import json
 import sys
 
+from yworld.orchestrator.eval.coco_metrics import evaluate_coco
+from yworld.orchestrator.eval.ground_truth import load_ground_truth
+from yworld.orchestrator.eval.lvis_metrics import evaluate_lvis
 from yworld.orchestrator.eval.matching import EvalResult
+from yworld.orchestrator.eval.results_io import load_results
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -27,18 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from yworld.orchestrator.eval.ground_truth import load_ground_truth
-    from yworld.orchestrator.eval.results_io import load_results
-
     if args.command == "lvis-eval":
-        from yworld.orchestrator.eval.lvis_metrics import evaluate_lvis
-
         gt = load_ground_truth(args.ground_truth, "lvis")
         dets = load_results(args.results)
         result = evaluate_lvis(gt, dets, args.protocol)
     else:
-        from yworld.orchestrator.eval.coco_metrics import evaluate_coco
-
         gt = load_ground_truth(args.ground_truth, "coco")
         dets = load_results(args.results)
         result = evaluate_coco(gt, dets)

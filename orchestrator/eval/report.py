@@ -19,6 +19,7 @@ import math
 import time
 
 from yworld.datasets.storage import StorageOptions, filesystem, join, write_bytes_atomic
+from yworld.orchestrator.eval.lease import DONE
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ PLOTS = ("ap_vs_step.png", "ap_frequency_vs_step.png")
 
 def collect_rows(eval_url: str, storage: StorageOptions) -> list[dict]:
     """Every finished checkpoint's metric rows, sorted by step, protocol, split."""
-    from yworld.orchestrator.eval.claims import DONE
-
     fs, root = filesystem(eval_url, storage)
     try:
         entries = fs.ls(root, detail=True)

@@ -4,7 +4,7 @@ run exactly once, however many watchers run, and keep the run's results table an
 Checkpoints are H7's layout (docs/architecture.md "Evaluation"): folders `{storage_path}/{run}/checkpoint*/`
 whose `meta.json` (written last) holds at least `step` and `epoch`, beside the exported `model.safetensors`
 + `model.json`. Each evaluation is a task folder `{run}/eval/{name}/{checkpoint}/` claimed atomically
-(`claims.py`: create-if-absent + lease), so two watchers started together evaluate each checkpoint once, and
+(`lease.py`: create-if-absent + lease), so two watchers started together evaluate each checkpoint once, and
 a crashed evaluation (exception, or a watcher killed mid-way: its lease expires) is retried up to
 `max_attempts`. After each evaluation the table and the report are rebuilt (`report.py`).
 
@@ -17,55 +17,22 @@ import argparse
 import json
 import logging
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, Literal
+from dataclasses import dataclass
+from typing import Callable
+
+import yaml
 
 from yworld.datasets.storage import StorageOptions, filesystem, join
 from yworld.model.errors import ConfigError, YWorldError
-from yworld.orchestrator.eval import claims, report
-from yworld.orchestrator.eval.job import DatasetSpec, InferenceSpec, Protocol, TextSpec, _check_protocols
-from yworld.orchestrator.spec import check_folder_name
+from yworld.orchestrator.eval import lease, report
+from yworld.orchestrator.eval.job import evaluate_model
+from yworld.orchestrator.eval.spec import TextSpec, WatchJob
+from yworld.orchestrator.ray_setup import init_ray
+from yworld.orchestrator.spec import load_spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WatchJob", "CheckpointInfo", "list_checkpoints", "watch", "run_job", "summary", "add_arguments", "main"]
-
-
-@dataclass(frozen=True)
-class WatchJob:
-    kind: Literal["eval-watch"]
-    name: str = "eval"            # this evaluation's folder: {storage_path}/{run}/eval/{name}/
-    description: str = ""
-    address: str = ""
-    storage_path: str = "runs"    # the training job's storage_path
-    run: str = ""                 # the training job's name
-    storage: StorageOptions = field(default_factory=StorageOptions)
-    text: TextSpec | None = None  # None: the encoder named in the checkpoint's spec.yaml (model.text_encoder)
-    dataset: DatasetSpec = field(default_factory=DatasetSpec)
-    inference: InferenceSpec = field(default_factory=InferenceSpec)
-    protocols: list[Protocol] = field(default_factory=lambda: ["standard", "fixed"])
-    poll_interval_s: float = 60.0
-    lease_s: float = 1800.0       # a claim without heartbeat for this long is abandoned and retried
-    max_attempts: int = 3
-    include_final: bool = False   # also evaluate {run}/final/
-    once: bool = False
-
-    def __post_init__(self):
-        _check_protocols(self.protocols, self.dataset.format)
-        if not self.run:
-            raise ValueError("run: give the training run's name (its folder under storage_path)")
-        check_folder_name(self.run, "run")
-        check_folder_name(self.name, "name")
-        if self.poll_interval_s <= 0 or self.lease_s <= 0 or self.max_attempts < 1:
-            raise ValueError("poll_interval_s and lease_s must be > 0, max_attempts >= 1")
-
-    @property
-    def run_url(self) -> str:
-        return join(self.storage_path, self.run)
-
-    @property
-    def eval_url(self) -> str:
-        return join(self.run_url, "eval", self.name)
+__all__ = ["CheckpointInfo", "list_checkpoints", "watch", "run_job", "summary", "add_arguments", "main"]
 
 
 @dataclass(frozen=True)
@@ -103,8 +70,6 @@ def list_checkpoints(run_url: str, storage: StorageOptions, include_final: bool 
 def _text_for(job: WatchJob, checkpoint: CheckpointInfo) -> TextSpec:
     if job.text is not None:
         return job.text
-    import yaml
-
     for url in (join(checkpoint.url, "spec.yaml"), join(job.run_url, "spec.yaml")):
         fs, path = filesystem(url, job.storage)
         try:
@@ -120,8 +85,6 @@ def _text_for(job: WatchJob, checkpoint: CheckpointInfo) -> TextSpec:
 
 def evaluate_checkpoint(job: WatchJob, checkpoint: CheckpointInfo, output: str) -> list[dict]:
     """The default evaluation: distributed inference + metrics of the checkpoint's exported model."""
-    from yworld.orchestrator.eval.job import evaluate_model
-
     outcome = evaluate_model(join(checkpoint.url, "model.safetensors"), job.dataset, job.inference,
                              _text_for(job, checkpoint), list(job.protocols), output, job.storage,
                              vocabulary_cache=join(job.eval_url, "vocabulary"))
@@ -146,7 +109,7 @@ def watch(job: WatchJob, evaluate: Evaluate = evaluate_checkpoint, once: bool | 
         checkpoints = list_checkpoints(job.run_url, storage, job.include_final)
         for ckpt in checkpoints:
             task = join(job.eval_url, ckpt.name)
-            claim = claims.try_claim(task, storage, job.lease_s, job.max_attempts)
+            claim = lease.try_claim(task, storage, job.lease_s, job.max_attempts)
             if claim is None:
                 continue
             log.info("evaluating %s (step %d, attempt %d)", ckpt.name, ckpt.step, claim.attempt)
@@ -160,7 +123,7 @@ def watch(job: WatchJob, evaluate: Evaluate = evaluate_checkpoint, once: bool | 
                 continue
             if not claim.release(ok=True, result={"checkpoint": ckpt.name, "step": ckpt.step, "epoch": ckpt.epoch,
                                                   "rows": rows}):
-                continue  # this watcher's lease expired and another took over (claims.py "Fencing")
+                continue  # this watcher's lease expired and another took over (lease.py "Fencing")
             evaluated.append(ckpt.name)
             report.regenerate(job.eval_url, storage, title)
         _heal_table(job, storage, title)
@@ -182,8 +145,6 @@ def summary(job: WatchJob, evaluated: list[str]) -> str:
 
 
 def run_job(job: WatchJob, address: str | None = None) -> list[str]:
-    from yworld.orchestrator.run import init_ray
-
     init_ray(address or job.address, min_cpus=job.inference.num_actors * job.inference.cpus_per_actor + 1)
     return watch(job)
 
@@ -200,8 +161,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from yworld.orchestrator.spec import load_spec
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides)
     if args.run:

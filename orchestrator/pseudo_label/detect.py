@@ -21,6 +21,7 @@ from yworld.datasets.storage import StorageOptions, filesystem
 from yworld.model.errors import ConfigError
 from yworld.model.inference import InferenceModel
 from yworld.model.postprocess import Detections, Letterbox, letterbox, nms_detections
+from yworld.orchestrator.eval.job import resolve_weights
 
 __all__ = ["LabellerSpec", "load_images", "Labeller", "detect", "build_labeller_model", "IMAGE_MISSING",
            "IMAGE_UNDECODABLE"]
@@ -101,7 +102,6 @@ def build_labeller_model(spec: LabellerSpec, weights: str, text_dim: int, device
     """Our weights (a file or a checkpoint folder) via load_model; official / ultralytics into model_name."""
     from yworld.model.registry import build_model
     from yworld.model.weights import load_model, load_weights
-    from yworld.orchestrator.eval.job import resolve_weights
 
     if weights.endswith((".pth", ".pt")):
         model = build_model(spec.model_name, text_dim=text_dim)

@@ -35,10 +35,12 @@ from yworld.datasets.storage import (
     StorageOptions, filesystem, join, probe, read_bytes, storage_errors, write_bytes_atomic,
 )
 from yworld.model.errors import ConfigError, DataError, YWorldError
+from yworld.orchestrator.eval.job import resolve_weights
 from yworld.orchestrator.pseudo_label.detect import LabellerSpec, Labeller, load_images
 from yworld.orchestrator.pseudo_label.filters import FilterSpec
 from yworld.orchestrator.pseudo_label.noun_phrases import PhraseSpec, add_phrases
 from yworld.orchestrator.pseudo_label.rescore import ClipRescorer, RescoreSpec, score_with_detector
+from yworld.orchestrator.ray_setup import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +163,6 @@ def read_pairs(spec: InputSpec, storage: StorageOptions, rejects: Rejects) -> li
 
 def _digest(url: str, storage: StorageOptions) -> str:
     """sha256 of the detector's weights: labels made with other weights are never reused."""
-    from yworld.orchestrator.eval.job import resolve_weights
-
     url = resolve_weights(url, storage)
     try:
         return hashlib.sha256(read_bytes(url, storage)).hexdigest()
@@ -385,8 +385,6 @@ def label(spec: PseudoLabelSpec, storage: StorageOptions | None = None, *, weigh
 
 
 def run_job(job: PseudoLabelJob, address: str | None = None) -> PseudoLabelOutcome:
-    from yworld.orchestrator.run import init_ray
-
     actors = job.labeller.num_actors * job.labeller.cpus_per_actor
     if job.rescore.clip:
         actors += job.rescore.num_actors * job.rescore.cpus_per_actor

@@ -87,17 +87,17 @@ def test_the_driver_adds_only_what_the_submission_did_not_set(monkeypatch):
 
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
-    from yworld.orchestrator.run import _beside_submission
+    from yworld.orchestrator.ray_setup import JOB_ENV, _beside_submission
 
     wanted = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
-    for submitted in ({"working_dir": "/tmp/x", "env_vars": dict(submit.JOB_ENV)}, {"working_dir": "/tmp/x"},
+    for submitted in ({"working_dir": "/tmp/x", "env_vars": dict(JOB_ENV)}, {"working_dir": "/tmp/x"},
                       {"env_vars": {"HF_HUB_OFFLINE": "0"}}):
         monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": submitted}))
         mine = _beside_submission(wanted)
         merged = _merge_runtime_env(submitted, mine)  # Ray's own rule; None = "Failed to merge"
         assert merged is not None, (submitted, mine)
         assert {**wanted["env_vars"], **submitted.get("env_vars", {})} == merged["env_vars"]
-    assert _merge_runtime_env({"env_vars": dict(submit.JOB_ENV)}, wanted) is None  # what used to happen
+    assert _merge_runtime_env({"env_vars": dict(JOB_ENV)}, wanted) is None  # what used to happen
 
 
 def test_credentials_in_urls_are_redacted_where_printed():

@@ -9,7 +9,8 @@ import torch
 from yworld.model import build_model
 from yworld.model.errors import ConfigError
 from yworld.model.weights import save_weights
-from yworld.orchestrator.eval.job import Detector, InferenceSpec
+from yworld.orchestrator.eval.job import Detector
+from yworld.orchestrator.eval.spec import InferenceSpec
 from yworld.orchestrator.spec import load_spec
 
 

@@ -11,7 +11,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from yworld.orchestrator.eval.watch import WatchJob, watch
+from yworld.orchestrator.eval.spec import WatchJob
+from yworld.orchestrator.eval.watch import watch
 from yworld.orchestrator.spec import build
 
 HELD_OUT = ["red square", "green triangle", "blue star", "yellow cross"]
@@ -79,7 +80,8 @@ def test_watch_evaluates_checkpoint_with_actor_pool(ray_session, world, tmp_path
 
     # the train job's `eval:` section: the final model joins the same table, seen vs held-out printed
     from yworld.datasets.storage import StorageOptions
-    from yworld.orchestrator.eval.job import TrainEvalSpec, evaluate_run_model
+    from yworld.orchestrator.eval.job import evaluate_run_model
+    from yworld.orchestrator.eval.spec import TrainEvalSpec
 
     final = tmp_path / "runs" / "smoke" / "final"
     shutil.copytree(ckpt, final, ignore=shutil.ignore_patterns("spec.yaml"))

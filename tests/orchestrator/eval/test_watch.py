@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 
 from yworld.datasets.storage import StorageOptions, filesystem
-from yworld.orchestrator.eval import claims
-from yworld.orchestrator.eval.watch import WatchJob, list_checkpoints, watch
+from yworld.orchestrator.eval import lease
+from yworld.orchestrator.eval.spec import WatchJob
+from yworld.orchestrator.eval.watch import list_checkpoints, watch
 from yworld.orchestrator.spec import build
 
 
@@ -139,21 +140,21 @@ def test_abandoned_claim_is_taken_over_after_its_lease(tmp_path):
 def test_heartbeat_keeps_a_long_evaluation_alive(tmp_path):
     a = _checkpoint(tmp_path, 10)
     task = str(tmp_path / "runs" / "r1" / "eval" / "val" / a)
-    claim = claims.try_claim(task, StorageOptions(), lease_s=0.4, max_attempts=3)
+    claim = lease.try_claim(task, StorageOptions(), lease_s=0.4, max_attempts=3)
     claim.start_heartbeat()
     time.sleep(1.0)  # 2.5 leases: only the heartbeat keeps it
-    assert claims.try_claim(task, StorageOptions(), lease_s=0.4, max_attempts=3) is None
+    assert lease.try_claim(task, StorageOptions(), lease_s=0.4, max_attempts=3) is None
     claim.release(ok=True, result={})
-    assert claims.is_done(task, StorageOptions())
+    assert lease.is_done(task, StorageOptions())
 
 
 def _race_lost_after_check(task: str, storage, monkeypatch) -> None:
     """Both watchers looked before either wrote: the stale view says 'no attempt yet'. Only the atomic
     create decides, and the second creator must lose."""
-    first = claims.try_claim(task, storage, lease_s=60, max_attempts=3)
+    first = lease.try_claim(task, storage, lease_s=60, max_attempts=3)
     assert first is not None and first.attempt == 1
-    monkeypatch.setattr(claims, "attempts", lambda *a: [])
-    assert claims.try_claim(task, storage, lease_s=60, max_attempts=3) is None
+    monkeypatch.setattr(lease, "attempts", lambda *a: [])
+    assert lease.try_claim(task, storage, lease_s=60, max_attempts=3) is None
 
 
 def test_claim_create_is_atomic_locally(tmp_path, monkeypatch):
@@ -170,7 +171,7 @@ def test_claims_are_atomic_on_s3(s3_server, monkeypatch):
 
         def racer():
             barrier.wait()
-            if claims.try_claim(task, storage, lease_s=60, max_attempts=3) is not None:
+            if lease.try_claim(task, storage, lease_s=60, max_attempts=3) is not None:
                 won.append(1)
 
         threads = [threading.Thread(target=racer) for _ in range(3)]
@@ -191,14 +192,14 @@ def test_a_watcher_whose_lease_expired_never_replaces_done(tmp_path, request, wh
         storage, task = server.storage(), f"s3://{server.make_bucket()}/run/eval/val/checkpoint_step00000010"
     else:
         storage, task = StorageOptions(), str(tmp_path / "run" / "eval" / "val" / "checkpoint_step00000010")
-    stalled = claims.try_claim(task, storage, lease_s=0.3, max_attempts=3, owner="stalled")
+    stalled = lease.try_claim(task, storage, lease_s=0.3, max_attempts=3, owner="stalled")
     time.sleep(0.5)  # no heartbeat: the lease expires
-    taker = claims.try_claim(task, storage, lease_s=0.3, max_attempts=3, owner="taker")
+    taker = lease.try_claim(task, storage, lease_s=0.3, max_attempts=3, owner="taker")
     assert (stalled.attempt, taker.attempt) == (1, 2)
     assert stalled.release(ok=True, result={"by": "stalled"}) is False  # superseded while the other runs
-    assert not claims.is_done(task, storage)
+    assert not lease.is_done(task, storage)
     assert taker.release(ok=True, result={"by": "taker"}) is True
-    late = claims.Claim(task, 2, "late", storage, lease_s=60)  # same attempt number, finishing second
+    late = lease.Claim(task, 2, "late", storage, lease_s=60)  # same attempt number, finishing second
     assert late.release(ok=True, result={"by": "late"}) is False
     fs, path = filesystem(f"{task}/done.json", storage)
     done = json.loads(fs.cat_file(path))
@@ -243,7 +244,7 @@ def test_service_watcher_sees_checkpoints_another_process_writes_to_s3(s3_server
         service.join(60)
     names = [f"checkpoint_step{s:08d}" for s in (10, 20, 30)]
     assert _log(tmp_path) == names and evaluated == names
-    assert all(claims.is_done(f"{run}/eval/val/{n}", storage) for n in names)
+    assert all(lease.is_done(f"{run}/eval/val/{n}", storage) for n in names)
 
 
 def _wait_for(condition, timeout: float = 30.0) -> None:

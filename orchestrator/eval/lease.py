@@ -1,4 +1,5 @@
-"""Atomic, leased claims in object storage: "I am evaluating this checkpoint" for any number of watchers.
+"""A lease on a task in object storage: an atomic, leased claim saying "I am evaluating this checkpoint", for
+any number of watchers.
 
 A claim on a task is a file `attempt-NNN.json` in the task's folder, created with create-if-absent
 semantics: `open(path, "xb")` — O_EXCL on local disks, a conditional `PutObject` (`If-None-Match: *`) on S3
