@@ -3,8 +3,8 @@ object embedding scored against the text embeddings by a contrastive head.
 
 Names follow the official `YOLOWorldHeadModule` (docs/reference.md §1.4, §4), so an official checkpoint's
 `bbox_head.head_module.<X>` is our `head.<X>`: `reg_preds.i` and `cls_preds.i` (Sequential of Conv, Conv,
-nn.Conv2d), `cls_contrasts.i.{bias (0-d), logit_scale, norm (v2 BatchNorm)}`. The DFL projection
-`proj` = arange(reg_max) is a non-persistent buffer: it is not in any state_dict (ultralytics stores it as
+nn.Conv2d), `cls_contrasts.i.{bias (0-d), logit_scale, norm (v2 BatchNorm)}`. The DFL bins 0..reg_max-1 are
+not a tensor of the module (model/dfl.py makes them), so no state_dict holds them (ultralytics stores them as
 `dfl.conv.weight`; the converter drops it).
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dfl import decode_boxes
 from .layers import BN_EPS, BN_MOMENTUM, Conv
 
 STRIDES = (8, 16, 32)
@@ -88,7 +89,6 @@ class YOLOWorldHead(nn.Module):
             for c in in_channels)
         contrast = BNContrastiveHead if use_bn_head else ContrastiveHead
         self.cls_contrasts = nn.ModuleList(contrast(embed_dims) for _ in in_channels)
-        self.register_buffer("proj", torch.arange(reg_max, dtype=torch.float32), persistent=False)
         self.reset_biases()
 
     @torch.no_grad()
@@ -110,20 +110,16 @@ class YOLOWorldHead(nn.Module):
             box_dist.append(reg(x).flatten(2).transpose(1, 2))  # [B, HW, 4*reg_max]
         cls_logits = torch.cat(cls_logits, 1)
         box_dist = torch.cat(box_dist, 1)
-        # anchors and decoded boxes in float32 even for half models: fp16 pixel coordinates above 512 are
-        # quantised to 0.5 px, too coarse for the IoU loss and the evaluation
+        # anchors and decoded boxes in float32 even for half models (why: model/dfl.py)
         anchors, strides = anchor_points(sizes, self.strides, box_dist.device, torch.float32)
         boxes = self.decode(box_dist, anchors, strides)
         return HeadOutputs(cls_logits=cls_logits, box_dist=box_dist, boxes=boxes, anchors=anchors, strides=strides)
 
     def decode(self, box_dist: torch.Tensor, anchors: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
-        """DFL expectation (softmax over the reg_max bins . arange) -> l,t,r,b in stride units -> xyxy pixels
-        (float32)."""
+        """Raw DFL logits [B, A, 4 * reg_max] -> xyxy pixels [B, A, 4] (float32), with the one DFL decoder the
+        loss uses too (model/dfl.py)."""
         b, a, _ = box_dist.shape
-        with torch.autocast(box_dist.device.type, enabled=False):  # autocast would run the matmul in 16 bits
-            dist = box_dist.float().view(b, a, 4, self.reg_max).softmax(-1) @ self.proj.float()
-            dist = dist * strides.view(1, -1, 1)
-            return torch.cat([anchors - dist[..., :2], anchors + dist[..., 2:]], -1)
+        return decode_boxes(box_dist.view(b, a, 4, self.reg_max), anchors, strides)
 
 
 def anchor_points(sizes: list[tuple[int, int]], strides: tuple[int, ...], device: torch.device,

@@ -36,40 +36,18 @@ from torch import Tensor
 
 from yworld.model.assign import Assignment, build_assigner
 from yworld.model.box_ops import box_to_ltrb, ciou_pairs
+from yworld.model.dfl import decode_boxes, distribution_focal_loss
 from yworld.model.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from yworld.model.head import HeadOutputs
 
-__all__ = ["YOLOWorldLoss", "decode_boxes", "distribution_focal_loss"]
+__all__ = ["YOLOWorldLoss"]
 
 BatchScale = Literal["none", "images", "images_x_world"]
 
 # A logit that makes a masked padding slot contribute nothing to the SimOTA class cost (softplus(-1e4) = 0).
 _MASKED_LOGIT = -1e4
-
-
-def distribution_focal_loss(dist_logits: Tensor, target: Tensor) -> Tensor:
-    """DFL (Li et al. 2020): [..., R] logits against continuous targets [...] in [0, R - 1) -> [...].
-
-    Cross-entropy towards the two bins around the target, weighted by the distance to each bin.
-    """
-    # A diverged model's NaN target must give a NaN loss (the divergence stop's signal), not an index of -2^63:
-    # the bin index is made safe, the weight keeps the NaN.
-    left = torch.nan_to_num(target, nan=0.0).long().clamp_(0, dist_logits.shape[-1] - 2)
-    w_left = (left + 1).to(target.dtype) - target
-    logp = F.log_softmax(dist_logits, dim=-1)
-    lp_left = logp.gather(-1, left[..., None]).squeeze(-1)
-    lp_right = logp.gather(-1, (left + 1)[..., None]).squeeze(-1)
-    return -(lp_left * w_left + lp_right * (1 - w_left))
-
-
-def decode_boxes(dist_logits: Tensor, anchors: Tensor, strides: Tensor) -> Tensor:
-    """DFL logits [B, A, 4, R] -> xyxy [B, A, 4] in pixels: the softmax expectation over bins 0..R-1 is the
-    (left, top, right, bottom) distance in strides (the head's decode, docs/architecture.md "Model")."""
-    bins = torch.arange(dist_logits.shape[-1], device=dist_logits.device, dtype=dist_logits.dtype)
-    ltrb = (dist_logits.softmax(-1) @ bins) * strides[None, :, None]
-    return torch.cat([anchors - ltrb[..., :2], anchors + ltrb[..., 2:]], dim=-1)
 
 
 class YOLOWorldLoss:
@@ -154,8 +132,8 @@ class YOLOWorldLoss:
             assign_logits = assign_logits.masked_fill(~text_mask[:, None, :], _MASKED_LOGIT)
         anchors = outputs.anchors.to(device).float()
         strides = outputs.strides.to(device).float()
-        # Decoded here from the fp32 DFL logits (the head's rule; equal to `outputs.boxes` in fp32, a test
-        # checks), so the CIoU term and the assignment never depend on the precision the head decoded in.
+        # Decoded here from the fp32 DFL logits with the head's decoder (model/dfl.py), so the CIoU term and the
+        # assignment never depend on the precision the head decoded in.
         dist_logits = outputs.box_dist.float().view(B, A, 4, self.reg_max)
         pred_boxes = decode_boxes(dist_logits, anchors, strides)
         assignment: Assignment = self.assigner(

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from yworld.model.errors import ConfigError, DataError
 from yworld.model.head import HeadOutputs, anchor_points
-from yworld.model.loss import YOLOWorldLoss, decode_boxes, distribution_focal_loss
+from yworld.model.dfl import decode_boxes, distribution_focal_loss
+from yworld.model.loss import YOLOWorldLoss
 
 R = 16  # reg_max
 
@@ -59,6 +60,32 @@ def test_decode_matches_the_head_contract():
     out = model(torch.rand(1, 3, 96, 64), F.normalize(torch.randn(1, 3, 16), dim=-1))
     decoded = decode_boxes(out.box_dist.view(1, -1, 4, R), out.anchors, out.strides)
     assert torch.allclose(decoded, out.boxes, atol=1e-4)
+    # the contract written out: anchor -/+ (softmax expectation over bins 0..R-1) x stride
+    ltrb = (out.box_dist.view(1, -1, 4, R).softmax(-1) * torch.arange(R, dtype=torch.float32)).sum(-1) * out.strides[:, None]
+    expected = torch.cat([out.anchors - ltrb[..., :2], out.anchors + ltrb[..., 2:]], -1)
+    torch.testing.assert_close(out.boxes, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_head_and_loss_decode_with_one_decoder(monkeypatch, autocast):
+    """The head's `boxes` and the boxes the loss regresses come from the same function (model/dfl.py), and
+    are bit-for-bit equal, in fp32 and under bf16 autocast (the loss decodes the same logits again in fp32)."""
+    import yworld.model.dfl as dfl
+    import yworld.model.head as head
+    import yworld.model.loss as loss
+    from yworld.model import build_model
+
+    assert head.decode_boxes is dfl.decode_boxes and loss.decode_boxes is dfl.decode_boxes
+    seen = []
+    monkeypatch.setattr(loss, "decode_boxes", lambda *a: seen.append(dfl.decode_boxes(*a)) or seen[-1])
+    torch.manual_seed(0)
+    model = build_model("yolo_world_v2_tiny", text_dim=16).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(torch.rand(2, 3, 128, 128), F.normalize(torch.randn(2, 6, 16), dim=-1))
+        YOLOWorldLoss("tal", batch_scale="none")(out, make_targets())
+    assert out.box_dist.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert len(seen) == 1 and seen[0].dtype == out.boxes.dtype == torch.float32
+    assert torch.equal(seen[0], out.boxes)
 
 
 def test_matches_ultralytics_detection_loss():
