@@ -21,12 +21,45 @@ from torch import nn
 from .layers import C2f, Conv
 
 
-class MaxSigmoidAttnBlock(nn.Module):
-    """Max-sigmoid text-guided attention (paper Eq. 2; official `MaxSigmoidAttnBlock`, docs/reference.md §1.2).
+class MaxSigmoidAttention(nn.Module):
+    """Max-sigmoid text-guided attention (paper Eq. 2; official `MaxSigmoidAttnBlock`, docs/reference.md §1.2),
+    the one implementation shared by the T-CSP block (`MaxSigmoidAttnBlock`, guide from the texts) and its
+    re-parameterized form (model/reparam.py, guide folded into convs); subclasses own `num_heads`,
+    `head_channels`, `embed_conv`, `bias`, `project_conv` and build the per-head guide.
 
     Per head m and pixel: w = sigmoid(max_n <embed_m, guide_{n,m}> / sqrt(head_ch) + bias_m) (scale 1.0,
     `with_scale=False` in every released config); output = project_conv(x) split per head and times w.
     """
+
+    num_heads: int
+    head_channels: int
+    embed_conv: nn.Module | None
+    bias: nn.Parameter
+    project_conv: nn.Module
+
+    def attention(self, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """Raw max-over-texts similarity per head, [B, heads, H, W] (before scaling and bias), for the
+        per-head guide [B or 1, heads, head_ch, N]."""
+        b, _, h, w = x.shape
+        embed = self.embed_conv(x) if self.embed_conv is not None else x
+        embed = embed.view(b, self.num_heads, self.head_channels, h * w)
+        # [B, heads, HW, C] @ [B or 1, heads, C, N] -> [B, heads, HW, N], max over the N texts
+        sim = embed.transpose(2, 3) @ guide
+        return sim.amax(dim=-1).view(b, self.num_heads, h, w)
+
+    def weight(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw / math.sqrt(self.head_channels) + self.bias.view(1, -1, 1, 1)).sigmoid()
+
+    def attend(self, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] and the per-head guide [B or 1, heads, head_ch, N] -> [B, C, H, W]."""
+        b, _, h, w = x.shape
+        weight = self.weight(self.attention(x, guide))
+        out = self.project_conv(x).view(b, self.num_heads, -1, h, w)
+        return (out * weight.unsqueeze(2)).view(b, -1, h, w)
+
+
+class MaxSigmoidAttnBlock(MaxSigmoidAttention):
+    """The T-CSP attention block: the guide is `guide_fc` of the text embeddings [B, N, guide_channels]."""
 
     def __init__(self, channels: int, embed_channels: int, num_heads: int, guide_channels: int):
         super().__init__()
@@ -40,24 +73,13 @@ class MaxSigmoidAttnBlock(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_heads))
         self.project_conv = Conv(channels, channels, 3, act=False)
 
-    def attention(self, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-        """Raw max-over-texts similarity per head, [B, heads, H, W] (before scaling and bias)."""
-        b, _, h, w = x.shape
-        embed = self.embed_conv(x) if self.embed_conv is not None else x
-        embed = embed.view(b, self.num_heads, self.head_channels, h * w)
+    def text_guide(self, guide: torch.Tensor) -> torch.Tensor:
+        """Text embeddings [B, N, guide_channels] -> per-head guide [B, heads, head_ch, N]."""
         g = self.guide_fc(guide).view(guide.shape[0], guide.shape[1], self.num_heads, self.head_channels)
-        # [B, heads, HW, C] @ [B, heads, C, N] -> [B, heads, HW, N], max over the N texts
-        sim = embed.transpose(2, 3) @ g.permute(0, 2, 3, 1)
-        return sim.amax(dim=-1).view(b, self.num_heads, h, w)
-
-    def weight(self, raw: torch.Tensor) -> torch.Tensor:
-        return (raw / math.sqrt(self.head_channels) + self.bias.view(1, -1, 1, 1)).sigmoid()
+        return g.permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        weight = self.weight(self.attention(x, guide))
-        out = self.project_conv(x).view(b, self.num_heads, -1, h, w)
-        return (out * weight.unsqueeze(2)).view(b, -1, h, w)
+        return self.attend(x, self.text_guide(guide))
 
 
 class TextGuidedC2f(C2f):

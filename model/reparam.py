@@ -13,7 +13,6 @@ update (Image-Pooling Attention) are not linear in a fixed text.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +22,12 @@ from .detector import YOLOWorld
 from .errors import YWorldError
 from .head import BNContrastiveHead
 from .layers import BN_EPS, BN_MOMENTUM
-from .neck import MaxSigmoidAttnBlock, TextGuidedC2f
+from .neck import MaxSigmoidAttention, MaxSigmoidAttnBlock, TextGuidedC2f
 
 
-class RepMaxSigmoidAttnBlock(nn.Module):
-    """Max-sigmoid attention whose text guide is folded into per-head 1x1 convs (one output per text)."""
+class RepMaxSigmoidAttnBlock(MaxSigmoidAttention):
+    """Max-sigmoid attention whose text guide is folded into per-head 1x1 convs (one output per text); the
+    attention itself is the unfolded block's (`MaxSigmoidAttention.attend`)."""
 
     def __init__(self, block: MaxSigmoidAttnBlock, num_texts: int):
         super().__init__()
@@ -40,16 +40,10 @@ class RepMaxSigmoidAttnBlock(nn.Module):
         self.project_conv = block.project_conv
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
-        b, _, h, w = x.shape
-        embed = self.embed_conv(x) if self.embed_conv is not None else x
-        embed = embed.view(b, self.num_heads, self.head_channels, h * w)
         # The per-head 1x1 convs evaluated as the same batched matmul as the unfolded block, so both forms
-        # round identically: [B, heads, HW, C] @ [heads, C, N] -> max over the N texts.
-        guide = torch.stack([conv.weight.flatten(1) for conv in self.guide_convs]).transpose(1, 2)
-        raw = (embed.transpose(2, 3) @ guide).amax(dim=-1).view(b, self.num_heads, h, w)
-        weight = (raw / math.sqrt(self.head_channels) + self.bias.view(1, -1, 1, 1)).sigmoid()
-        out = self.project_conv(x).view(b, self.num_heads, -1, h, w)
-        return (out * weight.unsqueeze(2)).view(b, -1, h, w)
+        # round identically: guide [1, heads, C, N] against [B, heads, HW, C].
+        folded = torch.stack([conv.weight.flatten(1) for conv in self.guide_convs]).transpose(1, 2)
+        return self.attend(x, folded[None])
 
 
 class RepBNContrastiveHead(nn.Module):

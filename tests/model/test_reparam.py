@@ -76,6 +76,25 @@ def test_folded_model_equals_unfolded_float32(model, vocab):
     assert (f_boxes - boxes).abs().max() <= 1e-4 * boxes.abs().max()
 
 
+def test_one_max_sigmoid_attention_for_the_block_and_its_folded_form(model, vocab):
+    """The T-CSP block and its re-parameterized form run the same attention (`MaxSigmoidAttention.attend`);
+    they differ only in where the per-head guide comes from, so their outputs are bit-for-bit equal."""
+    from yworld.model.neck import MaxSigmoidAttention, MaxSigmoidAttnBlock
+    from yworld.model.reparam import RepMaxSigmoidAttnBlock
+
+    block = model.neck.bottom_up_layers[1].attn_block
+    folded = reparameterize(copy.deepcopy(model), vocab).neck.bottom_up_layers[1].attn_block
+    assert isinstance(block, MaxSigmoidAttnBlock) and isinstance(folded, RepMaxSigmoidAttnBlock)
+    assert type(block).attend is type(folded).attend is MaxSigmoidAttention.attend
+    x = torch.randn(2, block.project_conv.conv.in_channels, 4, 6)
+    with torch.no_grad():
+        out = block(x, vocab[None])
+        other = block(x, F.normalize(torch.randn(1, 7, D), dim=-1))
+        folded_out = folded(x)
+    assert (other - out).abs().max() > 1e-3  # the texts matter, so the equality below is not vacuous
+    assert torch.equal(folded_out, out)
+
+
 def test_folded_structure_names_and_no_text(model, vocab):
     folded = reparameterize(copy.deepcopy(model), vocab)
     sd = folded.state_dict()
