@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from yworld.datasets.vocab import MAX_TEXTS, PAD_TEXT
+from yworld.datasets.online_vocab import MAX_TEXTS, PAD_TEXT
 
 # Columns of one stream sample, as produced by `yworld.datasets.stream` (boxes flattened to 4*m floats).
 SAMPLE_COLUMNS = ("image", "boxes", "labels", "texts", "is_image_text", "source", "image_id")

@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import numpy as np
 
 from yworld.datasets.manifest import Manifest, read_manifest
+from yworld.datasets.online_vocab import MAX_TEXTS
 from yworld.datasets.storage import StorageOptions
 from yworld.datasets.transforms import HSV_GAINS, MIN_BOX_SIZE, AugmentParams
-from yworld.datasets.vocab import MAX_TEXTS
 # the window-level work, re-exported: `from yworld.datasets.stream import augment_window` keeps working
 from yworld.datasets.windows import READ_COLUMNS, Window, WindowSpec, augment_window, read_rows, window_rng
 from yworld.model.errors import ConfigError

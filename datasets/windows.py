@@ -3,7 +3,7 @@
 A window is `window` consecutive rows of one shard (ingest writes row groups of the same size, so a window
 is usually one row group). `augment_window` turns its records into one sample per record: the record as
 the main image, its mosaic partners drawn from the same window, augmented (transforms.py), with its online
-vocabulary (vocab.py). Its randomness comes from `window_rng`: (seed, epoch, the window's image ids, read).
+vocabulary (online_vocab.py). Its randomness comes from `window_rng`: (seed, epoch, the window's image ids, read).
 The Ray read tasks (window_source.py) and the DataLoader baseline of bench/data_throughput.py both run it.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from yworld.datasets.online_vocab import merge_texts, sample_vocabulary
 from yworld.datasets.records import decode_image
 from yworld.datasets.transforms import (
     Annotated,
@@ -27,7 +28,6 @@ from yworld.datasets.transforms import (
     plain_geometry,
     resize_keep_ratio,
 )
-from yworld.datasets.vocab import merge_texts, sample_vocabulary
 
 __all__ = ["READ_COLUMNS", "WindowSpec", "Window", "augment_window", "window_rng", "read_rows"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from yworld.datasets.vocab import MAX_TEXTS, merge_texts, sample_vocabulary, text_key
+from yworld.datasets.online_vocab import MAX_TEXTS, merge_texts, sample_vocabulary, text_key
 
 POOL = [[f"class{i}", f"class{i} alias"] for i in range(365)]
 
