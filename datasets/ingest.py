@@ -62,6 +62,8 @@ class IngestConfig:
     max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:  # at spec load: names the field (`prepare.ingest[0]: format: ...`)
+            raise ConfigError(f"format: {self.format!r} is unknown; use one of {', '.join(FORMATS)}")
         # Accept a single string where a list is expected (Python callers, one-file sources).
         for name in ("annotations", "images"):
             value = getattr(self, name)
@@ -75,8 +77,6 @@ class IngestConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be >= {low}")
 
     def validate(self) -> None:
-        if self.format not in FORMATS:
-            raise ConfigError(f"ingest.format {self.format!r} is unknown; use one of {', '.join(FORMATS)}")
         if not self.annotations:
             raise ConfigError("ingest.annotations is empty; give the annotation JSON file(s) (--annotations)")
         if len(self.images) not in (1, len(self.annotations)):

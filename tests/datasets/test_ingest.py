@@ -187,7 +187,7 @@ def test_cli_prints_summary(world, tmp_path, capsys, ray_session):
 
 
 def test_bad_config_is_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="ingest.format 'yolo' is unknown"):
+    with pytest.raises(ConfigError, match="format: 'yolo' is unknown"):
         ingest(IngestConfig(format="yolo", annotations=["a.json"], images=["i"], out=str(tmp_path)))
     with pytest.raises(DataError, match="does not exist; check the path"):
         ingest(IngestConfig(format="coco", annotations=[str(tmp_path / "nope.json")], images=["i"],

@@ -147,3 +147,11 @@ def test_eval_and_watch_names_are_folder_names():
                        ("eval-watch", {"kind": "eval-watch", "run": "r", "name": "a\\b"})):
         with pytest.raises(ConfigError, match="use a plain folder name"):
             spec_lib.build(spec_lib.job_class(kind), data, where="job.yaml")
+
+
+@pytest.mark.parametrize("job, field", [("smoke", "prepare.ingest"), ("ingest_coco", "ingest")])
+def test_unknown_ingest_format_is_refused_at_load(capsys, tmp_path, monkeypatch, job, field):
+    monkeypatch.chdir(tmp_path)
+    line = _cli(capsys, "run", job, "--dry-run", "--set",
+                f"{field}=[{{format: yolo, annotations: [a.json], images: [img], out: shards}}]")
+    assert f"{job}.yaml: {field}[0]: format: 'yolo' is unknown; use one of coco, mdetr, cc3m, lvis" in line, line
