@@ -108,7 +108,7 @@ def fit(job: TrainJob) -> TrainOutcome:
     """Prepare data, train to the planned number of steps (resuming when the run exists), export. A run
     whose final/ already has the planned step count returns at once (resubmitting a finished run)."""
     from yworld.datasets.stream import build_train_datasets, samples_per_epoch
-    from yworld.orchestrator.metrics import DriverMonitor
+    from yworld.orchestrator.monitor import DriverMonitor
     from yworld.orchestrator.prepare import prepare_data
 
     storage = job.storage.resolved()

@@ -1,4 +1,5 @@
-"""Training metrics on the driver: a progress bar, TensorBoard event files in the run folder, metrics.jsonl.
+"""The run monitor: a training run's metrics on the driver: a progress bar, TensorBoard event files in the run
+folder, metrics.jsonl. (AP metrics are orchestrator/eval's.)
 
 Workers call `ray.train.report(metrics)` every `metrics.every_steps` optimizer steps. Ray Train V2 hands those
 reports to its controller (an actor), where `ForwardMetrics` (a Ray Train `UserCallback`) puts rank 0's dict
