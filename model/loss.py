@@ -28,6 +28,7 @@ released code.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -37,17 +38,74 @@ from torch import Tensor
 from yworld.model.assign import Assignment, build_assigner
 from yworld.model.box_ops import box_to_ltrb, ciou_pairs
 from yworld.model.dfl import decode_boxes, distribution_focal_loss
-from yworld.model.errors import ConfigError, DataError
+from yworld.model.errors import ConfigError, DataError, check_range
 
 if TYPE_CHECKING:
     from yworld.model.head import HeadOutputs
 
-__all__ = ["YOLOWorldLoss"]
+__all__ = ["YOLOWorldLoss", "LossSpec", "TALSpec", "SimOTASpec"]
 
 BatchScale = Literal["none", "images", "images_x_world"]
 
 # A logit that makes a masked padding slot contribute nothing to the SimOTA class cost (softplus(-1e4) = 0).
 _MASKED_LOGIT = -1e4
+
+
+@dataclass(frozen=True)
+class TALSpec:
+    """`loss.tal:` the task-aligned assigner's numbers (yworld.model.assign.tal): YOLO-World's official configs
+    (mmyolo `BatchTaskAlignedAssigner(topk=10, alpha=0.5, beta=6.0)`) and ultralytics' v8DetectionLoss
+    (`TaskAlignedAssigner(topk=10, alpha=0.5, beta=6.0)`)."""
+
+    topk: int = 10       # positives per ground truth: the k best-aligned anchors inside its box
+    alpha: float = 0.5   # alignment t = score^alpha * IoU^beta
+    beta: float = 6.0
+
+    def __post_init__(self):
+        check_range(self, "topk", 1)
+        check_range(self, "alpha", 0)
+        check_range(self, "beta", 0)
+
+
+@dataclass(frozen=True)
+class SimOTASpec:
+    """`loss.simota:` SimOTA's numbers (yworld.model.assign.simota), YOLOX's `get_assignments`: centre radius 2.5 strides,
+    dynamic k from the top-10 IoUs, cost = cls + 3 * IoU cost."""
+
+    center_radius: float = 2.5   # candidates within +-radius * stride of a ground truth's centre
+    candidate_topk: int = 10     # dynamic k = sum of the top-k IoUs (at least 1)
+    iou_weight: float = 3.0
+    cls_weight: float = 1.0
+    require_in_box: bool = True  # True: the 2021 rule (in the box OR near the centre); False: centre only
+
+    def __post_init__(self):
+        check_range(self, "center_radius", 0, low_open=True)
+        check_range(self, "candidate_topk", 1)
+        check_range(self, "iou_weight", 0)
+        check_range(self, "cls_weight", 0)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The `loss:` section of a train job (docs/reference.md §3.5, §3.6); `YOLOWorldLoss.from_config` builds the
+    loss from it. `tal:` / `simota:` hold the numbers of each assigner; the one named by `assigner` is used."""
+
+    assigner: Literal["tal", "simota"] = "tal"
+    cls_weight: float = 0.5
+    box_weight: float = 7.5
+    dfl_weight: float = 1.5
+    mask_padding: bool = False
+    image_text_box_loss: bool = False  # paper: lambda_I = 0 for image-text samples
+    tal: TALSpec = field(default_factory=TALSpec)
+    simota: SimOTASpec = field(default_factory=SimOTASpec)
+
+    def __post_init__(self):
+        for name in ("cls_weight", "box_weight", "dfl_weight"):
+            check_range(self, name, 0)
+
+    def assigner_kwargs(self) -> dict:
+        """The chosen assigner's keyword options (`yworld.model.assign.build_assigner`)."""
+        return dict(vars(self.tal if self.assigner == "tal" else self.simota))
 
 
 class YOLOWorldLoss:
@@ -77,6 +135,15 @@ class YOLOWorldLoss:
         self.batch_scale = batch_scale
         self.world_size = world_size
         self.check_targets = check_targets
+
+    @classmethod
+    def from_config(cls, spec: LossSpec, *, batch_scale: BatchScale = "images_x_world", world_size: int | None = None,
+                    check_targets: bool = True) -> YOLOWorldLoss:
+        """The loss a `loss:` section describes; the keyword arguments are the caller's, not the recipe's."""
+        return cls(spec.assigner, cls_weight=spec.cls_weight, box_weight=spec.box_weight, dfl_weight=spec.dfl_weight,
+                   mask_padding=spec.mask_padding, image_text_box_loss=spec.image_text_box_loss,
+                   batch_scale=batch_scale, world_size=world_size, assigner_kwargs=spec.assigner_kwargs(),
+                   check_targets=check_targets)
 
     def __repr__(self) -> str:
         return (

@@ -37,19 +37,61 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from yworld.model.errors import ConfigError
+from yworld.model.errors import ConfigError, check_range
 
-__all__ = ["param_groups", "build_optimizer", "scaled_weight_decay", "WarmupLinearSchedule", "TEXT_PREFIXES",
-           "OFFICIAL_WARMUP_BIAS"]
+__all__ = ["OptimSpec", "optimizer_from_config", "param_groups", "build_optimizer", "scaled_weight_decay",
+           "WarmupLinearSchedule", "TEXT_PREFIXES", "OFFICIAL_WARMUP_BIAS"]
 
 # Module-name prefixes of a trainable text encoder inside the model (the official `backbone.text_model`).
 TEXT_PREFIXES = ("text_model", "text_encoder", "backbone.text_model")
 # The one tensor the released runs warm up from warmup_bias_lr: mmyolo's param group index 2 (module doc).
 OFFICIAL_WARMUP_BIAS = ("backbone.stem.bn.bias",)
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """The `optim:` section of a train job: AdamW / SGD + YOLOv5 warmup / linear schedule (this module's doc
+    cites the official constructor and scheduler hook). Defaults: the official pre-training recipe
+    (configs/pretrain/*.py). `optimizer_from_config` and `WarmupLinearSchedule.from_config` build from it."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 2e-3
+    # The EFFECTIVE weight decay, applied as written (no hidden batch scaling): the official config says
+    # 0.05 / 2 = 0.025 and YOLOWv5OptimizerConstructor multiplies it by total_batch / 64 = 512 / 64 = 8.
+    weight_decay: float = 0.2
+    # Weight decay multipliers for norm-layer parameters and for other biases: 0 in pre-training
+    # (paramwise_cfg norm_decay_mult / bias_decay_mult = 0), 1 in the COCO fine-tuning configs (not set there).
+    norm_decay_mult: float = 0.0
+    bias_decay_mult: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
+    momentum: float = 0.937  # SGD only
+    nesterov: bool = True  # SGD only
+    warmup_epochs: float = 3.0
+    warmup_min_steps: int = 1000
+    warmup_bias_lr: float = 0.1
+    # Which parameters warm up from warmup_bias_lr (fnmatch patterns over parameter names; the others start
+    # at 0): the official hook's param group 2, the stem BN bias only ('*.bias' = YOLOv5's every bias).
+    warmup_bias_params: tuple[str, ...] = OFFICIAL_WARMUP_BIAS
+    warmup_momentum: float = 0.8  # SGD only (mmyolo leaves AdamW's betas alone)
+    final_lr_factor: float = 0.01
+    grad_clip: float = 10.0  # max gradient norm; 0 disables
+
+    def __post_init__(self):
+        object.__setattr__(self, "warmup_bias_params", tuple(self.warmup_bias_params))
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 < self.final_lr_factor <= 1:
+            raise ValueError("lr must be > 0, weight_decay and grad_clip >= 0, final_lr_factor in (0, 1]")
+        if self.norm_decay_mult < 0 or self.bias_decay_mult < 0 or self.warmup_bias_lr < 0:
+            raise ValueError("norm_decay_mult, bias_decay_mult and warmup_bias_lr must be >= 0")
+        for name in ("betas", "momentum", "warmup_momentum"):
+            check_range(self, name, 0, 1, high_open=True)
+        check_range(self, "warmup_epochs", 0)
+        check_range(self, "warmup_min_steps", 0)
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
@@ -149,6 +191,13 @@ def build_optimizer(
     raise ConfigError(f"optimizer.name={name!r}: use 'adamw' or 'sgd'")
 
 
+def optimizer_from_config(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
+    """The optimizer an `optim:` section describes (its weight decay is the effective one, used as written)."""
+    return build_optimizer(model, name=spec.name, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas,
+                           momentum=spec.momentum, nesterov=spec.nesterov, norm_decay_mult=spec.norm_decay_mult,
+                           bias_decay_mult=spec.bias_decay_mult, warmup_bias_params=spec.warmup_bias_params)
+
+
 class WarmupLinearSchedule:
     """Sets every group's lr (and SGD momentum) for a global step; stateless, so resuming needs only the step.
 
@@ -197,6 +246,14 @@ class WarmupLinearSchedule:
         """mmyolo's rule: warmup = max(round(warmup_epochs * steps_per_epoch), min_warmup_steps) steps."""
         warmup = max(round(warmup_epochs * steps_per_epoch), min_warmup_steps)
         return cls(optimizer, epochs * steps_per_epoch, warmup, steps_per_epoch=steps_per_epoch, **kwargs)
+
+    @classmethod
+    def from_config(cls, optimizer: torch.optim.Optimizer, spec: OptimSpec, *, epochs: int,
+                    steps_per_epoch: int) -> WarmupLinearSchedule:
+        """The schedule an `optim:` section describes, over `epochs` of `steps_per_epoch` optimizer steps."""
+        return cls.from_epochs(optimizer, epochs, steps_per_epoch, warmup_epochs=spec.warmup_epochs,
+                               min_warmup_steps=spec.warmup_min_steps, final_lr_factor=spec.final_lr_factor,
+                               warmup_bias_lr=spec.warmup_bias_lr, warmup_momentum=spec.warmup_momentum)
 
     def lr_factor(self, step: int) -> float:
         if self.steps_per_epoch:

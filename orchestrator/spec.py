@@ -30,7 +30,7 @@ from yworld.model.errors import ConfigError
 
 __all__ = [
     "JOB_KINDS", "load_spec", "load_yaml", "build", "to_dict", "dump_spec", "apply_overrides",
-    "resolve_job_path", "job_class", "check_folder_name", "check_range",
+    "resolve_job_path", "job_class", "check_folder_name",
 ]
 
 # kind -> "module:Class". Imported lazily: a job kind's dependencies are loaded only when it is used.
@@ -191,25 +191,6 @@ def _encodable(text: str) -> bool:
         return True
     except UnicodeEncodeError:  # a lone surrogate
         return False
-
-
-def check_range(section: Any, name: str, low: float | None = None, high: float | None = None, *,
-                low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ValueError when field `name` of `section` (each item, for a tuple) is outside the interval.
-    `low_open` / `high_open` exclude the bound: check_range(o, "lr", 0, low_open=True) means lr > 0."""
-    value = getattr(section, name)
-    for v in (value if isinstance(value, (tuple, list)) else (value,)):
-        if v is None:
-            continue
-        if (low is not None and (v <= low if low_open else v < low)) or (
-                high is not None and (v >= high if high_open else v > high)):
-            if high is None:
-                want = f"{'>' if low_open else '>='} {low}"
-            elif low is None:
-                want = f"{'<' if high_open else '<='} {high}"
-            else:
-                want = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-            raise ValueError(f"{name}: {value!r} must be {want}")
 
 
 @dataclasses.dataclass

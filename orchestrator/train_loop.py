@@ -29,7 +29,7 @@ from yworld.datasets.stream import iter_epoch
 from yworld.model import build_model
 from yworld.model.ema import ModelEMA
 from yworld.model.loss import YOLOWorldLoss
-from yworld.model.optim import WarmupLinearSchedule, build_optimizer
+from yworld.model.optim import WarmupLinearSchedule, optimizer_from_config
 from yworld.model.errors import DataError
 from yworld.model.text import TextEncoder
 from yworld.model.weights import load_weights
@@ -71,23 +71,15 @@ def train_loop_per_worker(config: dict) -> None:
             ema.load_state_dict(ema_state)
 
         # ---- strategy: DDP or DeepSpeed wraps the model and owns the optimizer
-        o = job.optim
-        optimizer = build_optimizer(model, name=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
-                                    momentum=o.momentum, nesterov=o.nesterov, norm_decay_mult=o.norm_decay_mult,
-                                    bias_decay_mult=o.bias_decay_mult, warmup_bias_params=o.warmup_bias_params)
+        optimizer = optimizer_from_config(model, job.optim)
         strategy = make_strategy(job.strategy, model, optimizer, accumulation, job.optim.grad_clip, device)
         if resume is not None:
             strategy.load(resume)
     if ema is not None:
         ema.module.to(device)
-    schedule = WarmupLinearSchedule.from_epochs(
-        strategy.optimizer, job.train.epochs, steps_per_epoch, warmup_epochs=job.optim.warmup_epochs,
-        min_warmup_steps=job.optim.warmup_min_steps, final_lr_factor=job.optim.final_lr_factor,
-        warmup_bias_lr=job.optim.warmup_bias_lr, warmup_momentum=job.optim.warmup_momentum)
-    loss_fn = YOLOWorldLoss(job.loss.assigner, cls_weight=job.loss.cls_weight, box_weight=job.loss.box_weight,
-                            dfl_weight=job.loss.dfl_weight, mask_padding=job.loss.mask_padding,
-                            image_text_box_loss=job.loss.image_text_box_loss, batch_scale="images_x_world",
-                            check_targets=False)  # the collate checked them on the CPU
+    schedule = WarmupLinearSchedule.from_config(strategy.optimizer, job.optim, epochs=job.train.epochs,
+                                                steps_per_epoch=steps_per_epoch)
+    loss_fn = YOLOWorldLoss.from_config(job.loss, check_targets=False)  # the collate checked them on the CPU
     meta = {"run": job.name, "model": job.model.name, "text_encoder": job.model.text_encoder,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "epochs": job.train.epochs,
             "world_size": world, "global_batch": accumulation.global_batch,

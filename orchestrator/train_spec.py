@@ -13,13 +13,15 @@ from typing import Literal
 from yworld.datasets.ingest import IngestConfig
 from yworld.datasets.storage import StorageOptions
 from yworld.datasets.stream import StreamConfig
-from yworld.model.optim import OFFICIAL_WARMUP_BIAS
+from yworld.model.errors import check_range
+from yworld.model.loss import LossSpec
+from yworld.model.optim import OptimSpec
 from yworld.orchestrator.eval.spec import TrainEvalSpec
 from yworld.orchestrator.pseudo_label.job import PseudoLabelSpec
-from yworld.orchestrator.spec import check_folder_name, check_range
+from yworld.orchestrator.spec import check_folder_name
 from yworld.orchestrator.strategy import StrategyConfig
 
-__all__ = ["ModelSpec", "OptimSpec", "LossSpec", "TrainSpec", "ScalingSpec", "CheckpointSpec", "MetricsSpec",
+__all__ = ["ModelSpec", "TrainSpec", "ScalingSpec", "CheckpointSpec", "MetricsSpec",
            "SyntheticSpec", "PrepareSpec", "TrainJob", "IngestJob"]
 
 
@@ -35,61 +37,6 @@ class ModelSpec:
 
         if self.name not in list_models():
             raise ValueError(f"name: unknown model {self.name!r}; choose one of: {', '.join(list_models())}")
-
-
-@dataclass(frozen=True)
-class OptimSpec:
-    """AdamW / SGD + YOLOv5 warmup / linear schedule (yworld.model.optim, whose module doc cites the official
-    constructor and scheduler hook). Defaults: the official pre-training recipe (configs/pretrain/*.py)."""
-
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 2e-3
-    # The EFFECTIVE weight decay, applied as written (no hidden batch scaling): the official config says
-    # 0.05 / 2 = 0.025 and YOLOWv5OptimizerConstructor multiplies it by total_batch / 64 = 512 / 64 = 8.
-    weight_decay: float = 0.2
-    # Weight decay multipliers for norm-layer parameters and for other biases: 0 in pre-training
-    # (paramwise_cfg norm_decay_mult / bias_decay_mult = 0), 1 in the COCO fine-tuning configs (not set there).
-    norm_decay_mult: float = 0.0
-    bias_decay_mult: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
-    momentum: float = 0.937  # SGD only
-    nesterov: bool = True  # SGD only
-    warmup_epochs: float = 3.0
-    warmup_min_steps: int = 1000
-    warmup_bias_lr: float = 0.1
-    # Which parameters warm up from warmup_bias_lr (fnmatch patterns over parameter names; the others start
-    # at 0): the official hook's param group 2, the stem BN bias only ('*.bias' = YOLOv5's every bias).
-    warmup_bias_params: tuple[str, ...] = OFFICIAL_WARMUP_BIAS
-    warmup_momentum: float = 0.8  # SGD only (mmyolo leaves AdamW's betas alone)
-    final_lr_factor: float = 0.01
-    grad_clip: float = 10.0  # max gradient norm; 0 disables
-
-    def __post_init__(self):
-        object.__setattr__(self, "warmup_bias_params", tuple(self.warmup_bias_params))
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 < self.final_lr_factor <= 1:
-            raise ValueError("lr must be > 0, weight_decay and grad_clip >= 0, final_lr_factor in (0, 1]")
-        if self.norm_decay_mult < 0 or self.bias_decay_mult < 0 or self.warmup_bias_lr < 0:
-            raise ValueError("norm_decay_mult, bias_decay_mult and warmup_bias_lr must be >= 0")
-        for name in ("betas", "momentum", "warmup_momentum"):
-            check_range(self, name, 0, 1, high_open=True)
-        check_range(self, "warmup_epochs", 0)
-        check_range(self, "warmup_min_steps", 0)
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """yworld.model.loss.YOLOWorldLoss options (docs/reference.md §3.5, §3.6)."""
-
-    assigner: Literal["tal", "simota"] = "tal"
-    cls_weight: float = 0.5
-    box_weight: float = 7.5
-    dfl_weight: float = 1.5
-    mask_padding: bool = False
-    image_text_box_loss: bool = False  # paper: lambda_I = 0 for image-text samples
-
-    def __post_init__(self):
-        for name in ("cls_weight", "box_weight", "dfl_weight"):
-            check_range(self, name, 0)
 
 
 @dataclass(frozen=True)

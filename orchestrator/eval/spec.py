@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from yworld.datasets.storage import StorageOptions, join
-from yworld.orchestrator.spec import check_folder_name, check_range
+from yworld.model.errors import check_range
+from yworld.orchestrator.spec import check_folder_name
 
 __all__ = ["DatasetSpec", "InferenceSpec", "TextSpec", "EvalProtocol", "EvalJob", "TrainEvalSpec", "WatchJob",
            "check_protocols"]
