@@ -198,20 +198,37 @@ def test_config_errors_are_one_line():
 
 # ------------------------------------------------------------------------------------------ Ray Data
 @pytest.mark.ray
-def test_stream_mixes_sources_by_weight_and_switches_pipelines(ray_session, tmp_path):
+def test_stream_mixes_sources_by_weight_and_switches_pipelines(ray_session, tmp_path, monkeypatch):
+    from ray.data import DataContext
+
     det = write_source(str(tmp_path / "det"), "o365", "detection", 16)
     gro = write_source(str(tmp_path / "gro"), "goldg", "grounding", 16, seed=1)
     cfg = StreamConfig(sources=(SourceConfig("o365", det, 1.0), SourceConfig("goldg", f"file://{gro}", 2.5)),
                        img_size=SIZE, hsv=(0.0, 0.0, 0.0), window=8, close_mosaic_epochs=1, shuffle_buffer=0)
     assert samples_per_epoch(cfg) == 16 + 40
     assert batches_per_epoch(cfg, None, world_size=2, batch_size=4) == 7
+    # read in task order, as training does with a seed (StreamDataConfig); without it the order is whichever
+    # read task finished first (seen on CI: all GoldG windows before the first O365 one). Set before the
+    # datasets are built: a Dataset keeps a copy of the DataContext it was created under.
+    monkeypatch.setattr(DataContext.get_current().execution_options, "preserve_order", True)
     datasets = build_train_datasets(cfg, epochs=3)
     assert set(datasets) == {MOSAIC_KEY, CLOSE_MOSAIC_KEY}
 
     table = pa.concat_tables(list(datasets[MOSAIC_KEY].iter_batches(batch_size=None, batch_format="pyarrow")))
     sources = table["source"].to_pylist()
     assert sources.count("o365") == 16 and sources.count("goldg") == 40  # weights 1 and 2.5
-    assert 2 <= sources[:28].count("o365") <= 14  # interleaved over the epoch, not one source after the other
+    # delivered in the planned order: one window (8 rows, one source) after the other as the epoch's plan says
+    from yworld.datasets.stream import plan_sources
+    from yworld.datasets.window_source import WindowDatasource
+
+    plan = WindowDatasource(plan_sources(cfg, None), cfg, None, True, "test")
+    names = ["o365", "goldg"]
+    assert [sources[i] for i in range(0, 56, 8)] == [names[w.source] for w in plan.epoch_windows(0)]
+    # sources are interleaved over epochs, not one after the other: each epoch is a fresh permutation of the
+    # windows, so an O365 window (2 of 7) comes at every position in some epoch
+    orders = [tuple(w.source for w in plan.epoch_windows(e)) for e in range(20)]
+    assert len(set(orders)) >= 10
+    assert {i for order in orders for i, s in enumerate(order) if s == 0} == set(range(7))
     check_samples(table)
     multi = [len({t.rsplit(" of ", 1)[1] for t in ts if t}) > 1
              for ts, s in zip(table["texts"].to_pylist(), sources) if s == "goldg"]
