@@ -19,6 +19,10 @@ never picked. `CheckpointConfig(num_to_keep)` deletes the oldest. The data-strea
 `(epoch, step_in_epoch)` in optimizer steps, which does not depend on the worker count: on resume it becomes
 `step_in_epoch x accumulation steps` micro-batches to skip on each worker.
 
+The rule (the `checkpoint:` section, `CheckpointSpec`): a checkpoint after the last step, every `every_steps`
+optimizer steps and at the end of every `every_epochs`-th epoch (`due`); Ray keeps the newest `num_to_keep`
+(`ray_config`). `save_checkpoint` writes a rank's share into a temporary folder, reports it and removes it.
+
 After the last step rank 0 also writes `{run}/final/` (model.safetensors, model.json, meta.json): the model
 for evaluation and pseudo-labelling at a stable path.
 """
@@ -37,12 +41,38 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["CHECKPOINT_PREFIX", "FORMAT", "Progress", "checkpoint_dir_name", "write_checkpoint",
-           "report_checkpoint", "read_train_state", "resume_directory", "export_final", "read_meta"]
+__all__ = ["CHECKPOINT_PREFIX", "FORMAT", "CheckpointSpec", "Progress", "checkpoint_dir_name", "checkpoint_step",
+           "save_checkpoint", "write_checkpoint", "report_checkpoint", "read_train_state", "resume_directory",
+           "export_final", "read_meta"]
 
 CHECKPOINT_PREFIX = "checkpoint_step"
 FORMAT = "yworld-checkpoint"
 VERSION = 1
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """The `checkpoint:` section of a train job: when to save, how many to keep, how often to restart."""
+
+    every_steps: int = 0  # 0: off
+    every_epochs: int = 2  # official save_epoch_intervals = 2 (docs/reference.md §3.4)
+    num_to_keep: int = 3
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint (-1: unlimited)
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.every_epochs < 0 or self.num_to_keep < 1 or self.max_failures < -1:
+            raise ValueError("every_steps, every_epochs >= 0; num_to_keep >= 1; max_failures >= -1")
+
+    def due(self, step: int, *, total_steps: int, epoch: int, end_of_epoch: bool) -> bool:
+        """Whether a checkpoint is written after optimizer step `step` (counted from 1) of 0-based `epoch`."""
+        return (step == total_steps or bool(self.every_steps and step % self.every_steps == 0)
+                or bool(end_of_epoch and self.every_epochs and (epoch + 1) % self.every_epochs == 0))
+
+    def ray_config(self):
+        """Ray Train's `CheckpointConfig`: it deletes all but the newest `num_to_keep` registered checkpoints."""
+        import ray.train  # Ray only when a run starts: loading a spec does not need it
+
+        return ray.train.CheckpointConfig(num_to_keep=self.num_to_keep)
 
 
 @dataclass(frozen=True)
@@ -56,6 +86,25 @@ class Progress:
 
 def checkpoint_dir_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def checkpoint_step(path: str) -> int:
+    """The step in a checkpoint folder's name (0 for another folder)."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    return int(name[len(CHECKPOINT_PREFIX):]) if name.startswith(CHECKPOINT_PREFIX) else 0
+
+
+def save_checkpoint(metrics: dict[str, Any], *, rank: int, module: nn.Module, ema, strategy, progress: Progress,
+                    meta: dict[str, Any], spec_yaml: str) -> None:
+    """Every rank: write this rank's share of the checkpoint at `progress.step` into a temporary folder, report
+    it with `metrics` (Ray Train uploads it, meta.json last) and remove the local copy."""
+    directory = tempfile.mkdtemp(prefix=f"yworld-ckpt-r{rank}-")
+    try:
+        write_checkpoint(directory, rank=rank, module=module, ema=ema, strategy=strategy, progress=progress,
+                         meta=meta, spec_yaml=spec_yaml)
+        report_checkpoint(metrics, directory, progress.step)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def write_checkpoint(directory: str, *, rank: int, module: nn.Module, ema, strategy, progress: Progress,

@@ -4,7 +4,7 @@ build model (+ resume) -> strategy (DDP | DeepSpeed) -> stream -> per optimizer 
 embeddings from the frozen encoder, cached), loss, backward, step, EMA (train_step.py) -> report metrics /
 checkpoint.
 
-Counting. `step` is the number of optimizer steps done; the run does exactly `plan["total_steps"]` of them.
+Counting. `step` is the number of optimizer steps done; the run does exactly `plan.total_steps` of them.
 A checkpoint stores `(step, epoch, step_in_epoch)` and on resume (worker failure, resubmission, elastic
 resize) the loop continues at `step + 1` and skips `step_in_epoch x accumulation` micro-batches of that
 epoch's stream, so no optimizer step is lost or counted twice; the stream itself is deterministic given
@@ -17,8 +17,6 @@ prepares the next batch while the device computes.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from typing import Iterator
 
 import torch
@@ -33,8 +31,8 @@ from yworld.model.optim import WarmupLinearSchedule, optimizer_from_config
 from yworld.model.errors import DataError
 from yworld.model.text import TextEncoder
 from yworld.model.weights import load_weights
-from yworld.orchestrator.checkpoint import Progress, checkpoint_dir_name, read_train_state, report_checkpoint, \
-    resume_directory, write_checkpoint, export_final
+from yworld.orchestrator.checkpoint import Progress, checkpoint_dir_name, export_final, read_train_state, \
+    resume_directory, save_checkpoint
 from yworld.orchestrator.strategy import make_strategy, plan_accumulation
 from yworld.orchestrator.train_step import TrainStep, memory_gb
 
@@ -45,11 +43,11 @@ def train_loop_per_worker(config: dict) -> None:
     # Ray Train logs every report at INFO on the console (LoggingConfig does not filter it); our driver shows
     # progress and metrics instead.
     logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
-    job, plan = config["job"], config["plan"]
+    job, plan = config["job"], config["plan"]  # TrainJob, StepPlan (trainer.py)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    steps_per_epoch, total_steps = plan["steps_per_epoch"], plan["total_steps"]
+    steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
     torch.manual_seed(job.train.seed)  # same initial weights on every rank (DDP/DeepSpeed also broadcast rank 0's)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once (as mmyolo)
@@ -110,9 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
             # ---- report / checkpoint (every rank takes part: ray.train.report is collective)
             end_of_epoch = step_in_epoch + 1 == steps_per_epoch
             progress = Progress(step, epoch + 1, 0) if end_of_epoch else Progress(step, epoch, step_in_epoch + 1)
-            every = job.checkpoint
-            save = (step == total_steps or (every.every_steps and step % every.every_steps == 0)
-                    or (end_of_epoch and every.every_epochs and (epoch + 1) % every.every_epochs == 0))
+            save = job.checkpoint.due(step, total_steps=total_steps, epoch=epoch, end_of_epoch=end_of_epoch)
             if save or step % job.metrics.every_steps == 0:
                 metrics = {"step": step, "epoch": epoch, **window.read(world), **_schedule_metrics(schedule),
                            "world_size": world, "global_batch": accumulation.global_batch,
@@ -127,14 +123,9 @@ def train_loop_per_worker(config: dict) -> None:
                     ray.train.report(metrics)
                     window.restart_clock()
                     continue
-                directory = tempfile.mkdtemp(prefix=f"yworld-ckpt-r{rank}-")
-                try:
-                    write_checkpoint(directory, rank=rank, module=strategy.module, ema=ema, strategy=strategy,
-                                     progress=progress, meta=meta, spec_yaml=config["spec_yaml"])
-                    report_checkpoint(metrics, directory, step)
-                    divergence.last_good = checkpoint_dir_name(step)
-                finally:
-                    shutil.rmtree(directory, ignore_errors=True)
+                save_checkpoint(metrics, rank=rank, module=strategy.module, ema=ema, strategy=strategy,
+                                progress=progress, meta=meta, spec_yaml=config["spec_yaml"])
+                divergence.last_good = checkpoint_dir_name(step)
                 window.restart_clock()
 
     # ---- the model for evaluation and pseudo-labelling, at a stable path

@@ -16,12 +16,13 @@ from yworld.datasets.stream import StreamConfig
 from yworld.model.errors import check_range
 from yworld.model.loss import LossSpec
 from yworld.model.optim import OptimSpec
+from yworld.orchestrator.checkpoint import CheckpointSpec
 from yworld.orchestrator.eval.spec import TrainEvalSpec
 from yworld.orchestrator.pseudo_label.job import PseudoLabelSpec
 from yworld.orchestrator.spec import check_folder_name
 from yworld.orchestrator.strategy import StrategyConfig
 
-__all__ = ["ModelSpec", "TrainSpec", "ScalingSpec", "CheckpointSpec", "MetricsSpec",
+__all__ = ["ModelSpec", "TrainSpec", "ScalingSpec", "MetricsSpec",
            "SyntheticSpec", "PrepareSpec", "TrainJob", "IngestJob"]
 
 
@@ -79,18 +80,6 @@ class ScalingSpec:
             raise ValueError(f"num_workers: need 1 <= min <= max, got {self.num_workers}")
         check_range(self, "cpus_per_worker", 0, low_open=True)
         check_range(self, "resize_interval_s", 0, low_open=True)
-
-
-@dataclass(frozen=True)
-class CheckpointSpec:
-    every_steps: int = 0  # 0: off
-    every_epochs: int = 2  # official save_epoch_intervals = 2 (docs/reference.md §3.4)
-    num_to_keep: int = 3
-    max_failures: int = 3  # worker-group restarts from the latest checkpoint (-1: unlimited)
-
-    def __post_init__(self):
-        if self.every_steps < 0 or self.every_epochs < 0 or self.num_to_keep < 1 or self.max_failures < -1:
-            raise ValueError("every_steps, every_epochs >= 0; num_to_keep >= 1; max_failures >= -1")
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,21 @@ up from the latest checkpoint (train_loop.py).
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
 from yworld.datasets import storage as storage_lib
-from yworld.model.errors import DivergenceError
-from yworld.orchestrator.checkpoint import checkpoint_dir_name
+from yworld.datasets.stream import build_train_datasets, samples_per_epoch, stream_data_config
+from yworld.model.errors import ConfigError, DivergenceError
+from yworld.orchestrator.checkpoint import checkpoint_dir_name, checkpoint_step
+from yworld.orchestrator.prepare import prepare_data
 from yworld.orchestrator.ray_setup import worker_env
 from yworld.orchestrator.spec import dump_spec
 from yworld.orchestrator.train_spec import TrainJob
 
-__all__ = ["TrainOutcome", "run_url", "plan_steps", "build_trainer", "fit"]
+__all__ = ["TrainOutcome", "StepPlan", "run_url", "plan_steps", "build_trainer", "fit"]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,17 @@ def run_url(job: TrainJob) -> str:
     return storage_lib.join(base, job.name)
 
 
-def plan_steps(job: TrainJob, samples_per_epoch: int) -> dict[str, int]:
-    """Optimizer steps per epoch at the recipe's global batch (last partial batch dropped), and in total."""
-    from yworld.model.errors import ConfigError
+@dataclass(frozen=True)
+class StepPlan:
+    """How many optimizer steps the run makes: sent to every Train worker with the job."""
 
+    steps_per_epoch: int
+    total_steps: int
+    samples_per_epoch: int
+
+
+def plan_steps(job: TrainJob, samples_per_epoch: int) -> StepPlan:
+    """Optimizer steps per epoch at the recipe's global batch (last partial batch dropped), and in total."""
     steps_per_epoch = samples_per_epoch // job.train.global_batch
     if steps_per_epoch < 1:
         raise ConfigError(f"train.global_batch={job.train.global_batch} is larger than one epoch of data "
@@ -59,14 +69,14 @@ def plan_steps(job: TrainJob, samples_per_epoch: int) -> dict[str, int]:
     total = job.train.epochs * steps_per_epoch
     if job.train.max_steps:
         total = min(total, job.train.max_steps)
-    return {"steps_per_epoch": steps_per_epoch, "total_steps": total, "samples_per_epoch": samples_per_epoch}
+    return StepPlan(steps_per_epoch=steps_per_epoch, total_steps=total, samples_per_epoch=samples_per_epoch)
 
 
-def build_trainer(job: TrainJob, datasets: dict, plan: dict, callbacks: list | None = None):
+def build_trainer(job: TrainJob, datasets: dict, plan: StepPlan, callbacks: list | None = None):
+    # Ray (and what imports it) once a run starts, after ray_setup has set its environment (Ray Train V2)
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from yworld.datasets.stream import stream_data_config
     from yworld.orchestrator.train_loop import train_loop_per_worker
 
     storage = job.storage.resolved()
@@ -86,7 +96,7 @@ def build_trainer(job: TrainJob, datasets: dict, plan: dict, callbacks: list | N
         run_config=ray.train.RunConfig(
             name=job.name, storage_path=base_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=job.checkpoint.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
+            checkpoint_config=job.checkpoint.ray_config(),
             callbacks=callbacks or [],
             worker_runtime_env={"env_vars": worker_env()},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own bar and metrics instead
@@ -107,9 +117,7 @@ def _save_spec(job: TrainJob, url: str) -> None:
 def fit(job: TrainJob) -> TrainOutcome:
     """Prepare data, train to the planned number of steps (resuming when the run exists), export. A run
     whose final/ already has the planned step count returns at once (resubmitting a finished run)."""
-    from yworld.datasets.stream import build_train_datasets, samples_per_epoch
-    from yworld.orchestrator.monitor import DriverMonitor
-    from yworld.orchestrator.prepare import prepare_data
+    from yworld.orchestrator.monitor import DriverMonitor  # imports Ray: see build_trainer
 
     storage = job.storage.resolved()
     if job.model.init_weights and storage_lib.is_local(job.model.init_weights):  # workers run in other folders
@@ -120,16 +128,16 @@ def fit(job: TrainJob) -> TrainOutcome:
     plan = plan_steps(job, samples_per_epoch(job.data, storage))
     _save_spec(job, url)
     done = _finished_step(url, storage)
-    if done >= plan["total_steps"]:  # resubmitted after it finished: nothing to train, keep what is there
-        log.info("run %s already finished (%d / %d steps); final model in final/", url, done, plan["total_steps"])
+    if done >= plan.total_steps:  # resubmitted after it finished: nothing to train, keep what is there
+        log.info("run %s already finished (%d / %d steps); final model in final/", url, done, plan.total_steps)
         return TrainOutcome(run_url=url, final_model=storage_lib.join(url, "final", "model.safetensors"),
-                            steps=done, total_steps=plan["total_steps"], metrics={}, history=[],
+                            steps=done, total_steps=plan.total_steps, metrics={}, history=[],
                             checkpoint=storage_lib.join(url, checkpoint_dir_name(done)))
-    log.info("run %s: %d steps (%d per epoch x %d epochs, global batch %d)", url, plan["total_steps"],
-             plan["steps_per_epoch"], job.train.epochs, job.train.global_batch)
+    log.info("run %s: %d steps (%d per epoch x %d epochs, global batch %d)", url, plan.total_steps,
+             plan.steps_per_epoch, job.train.epochs, job.train.global_batch)
     _quiet_ray_data()  # one progress bar (ours, in steps) instead of Ray Data's per-operator bars every epoch
     datasets = build_train_datasets(job.data, storage, job.train.epochs)
-    with DriverMonitor(url, storage, plan["total_steps"], progress=job.metrics.progress,
+    with DriverMonitor(url, storage, plan.total_steps, progress=job.metrics.progress,
                        tensorboard=job.metrics.tensorboard) as monitor:
         trainer = build_trainer(job, datasets, plan, callbacks=[monitor.callback])
         result = trainer.fit()
@@ -139,16 +147,14 @@ def fit(job: TrainJob) -> TrainOutcome:
     checkpoint = result.checkpoint
     steps = int((result.metrics or {}).get("step", monitor.last.get("step", 0)))
     if checkpoint is not None:
-        steps = max(steps, _checkpoint_step(checkpoint.path))
+        steps = max(steps, checkpoint_step(checkpoint.path))
     return TrainOutcome(run_url=url, final_model=storage_lib.join(url, "final", "model.safetensors"), steps=steps,
-                        total_steps=plan["total_steps"], metrics=dict(result.metrics or monitor.last),
+                        total_steps=plan.total_steps, metrics=dict(result.metrics or monitor.last),
                         history=monitor.history, checkpoint=str(checkpoint.path) if checkpoint else None)
 
 
 def _finished_step(url: str, storage) -> int:
     """The step of `{run}/final/` (written once the last checkpoint is registered), 0 when absent."""
-    import json
-
     fs, path = storage_lib.filesystem(storage_lib.join(url, "final", "meta.json"), storage)
     try:
         return int(json.loads(fs.cat_file(path)).get("step", 0))
@@ -157,15 +163,9 @@ def _finished_step(url: str, storage) -> int:
 
 
 def _quiet_ray_data() -> None:
-    from ray.data import DataContext
+    from ray.data import DataContext  # see build_trainer
 
     ctx = DataContext.get_current()  # captured by the datasets built after this, and sent with them
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
 
-
-def _checkpoint_step(path: str) -> int:
-    from yworld.orchestrator.checkpoint import CHECKPOINT_PREFIX
-
-    name = str(path).rstrip("/").rsplit("/", 1)[-1]
-    return int(name[len(CHECKPOINT_PREFIX):]) if name.startswith(CHECKPOINT_PREFIX) else 0
