@@ -28,10 +28,6 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from yworld.datasets.online_vocab import MAX_TEXTS, PAD_TEXT
 
-# Columns of one stream sample, as produced by `yworld.datasets.stream` (boxes flattened to 4*m floats).
-SAMPLE_COLUMNS = ("image", "boxes", "labels", "texts", "is_image_text", "source", "image_id")
-
-
 def collate_samples(batch: Mapping[str, Any], max_texts: int = MAX_TEXTS, pin_memory: bool = False) -> dict[str, Any]:
     """Numpy batch of samples (Ray Data's format: one array per column) -> the training batch dict."""
     images = np.asarray(batch["image"])

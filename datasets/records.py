@@ -32,7 +32,6 @@ SCHEMA = pa.schema(
         pa.field("is_image_text", pa.bool_(), nullable=False),
     ]
 )
-COLUMNS = tuple(SCHEMA.names)
 
 
 @dataclass

@@ -24,8 +24,6 @@ ray_setup.configure_environment()
 
 __all__ = ["add_arguments", "main", "run_job"]
 
-log = logging.getLogger(__name__)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", help="job spec YAML, or a packaged job name: smoke, pretrain_l, finetune_coco, ...")
@@ -111,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
 def _advice(error: Exception) -> str:
     """What to do after a failed training: re-running helps only when workers were lost (a dead node, a
     preemption, a killed process); an error raised by the training itself fails the same way again."""
-    import ray.exceptions
+    import ray.exceptions  # Ray: only once a job has run
 
     causes = [getattr(c, "_base_exc", c) for c in (getattr(error, "worker_failures", None) or {}).values()]
     if any(isinstance(c, YWorldError) for c in causes):

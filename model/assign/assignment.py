@@ -28,10 +28,6 @@ class Assignment:
     fg_mask: Tensor
     gt_index: Tensor
 
-    @property
-    def num_foreground(self) -> int:
-        return int(self.fg_mask.sum())
-
 
 def empty_assignment(batch: int, anchors: int, vocab: int, device: torch.device, dtype=torch.float32) -> Assignment:
     """All-background targets (no ground truth in the batch)."""

@@ -31,7 +31,6 @@ class GroundTruth:
     kind: str                     # "lvis" | "coco"
     image_ids: np.ndarray         # int64 [I], sorted unique (the APIs' params.img_ids)
     category_ids: np.ndarray      # int64 [K], sorted unique (params.cat_ids)
-    category_names: list[str]     # [K], aligned with category_ids
     frequency: np.ndarray | None  # int8 [K] index into FREQUENCIES (LVIS only)
     ann_ids: np.ndarray           # int64 [G]
     ann_image: np.ndarray         # int64 [G] index into image_ids
@@ -71,14 +70,14 @@ def load_ground_truth(source: str | Path | dict, kind: str, name: str | None = N
         if not isinstance(data.get(key), list):
             raise DataError(f"{label}: missing list '{key}'; a {kind.upper()} annotation file needs "
                             "'images', 'annotations' and 'categories'")
-    categories, frequency, names = _categories(data["categories"], kind, label)
+    categories, frequency = _categories(data["categories"], kind, label)
     images = _images(data["images"], label)
     ann = _annotations(data["annotations"], images, categories, kind, label)
     neg = not_exhaustive = None
     if kind == "lvis":
         neg, not_exhaustive = _federated_keys(data["images"], images, categories, label)
     return GroundTruth(source=label, kind=kind, image_ids=images, category_ids=categories,
-                       category_names=names, frequency=frequency, neg_keys=neg,
+                       frequency=frequency, neg_keys=neg,
                        not_exhaustive_keys=not_exhaustive, **ann)
 
 
@@ -151,8 +150,8 @@ def finite_number(value: Any) -> bool:
         return False
 
 
-def _categories(cats: list, kind: str, label: str) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    ids, freq, names = [], [], []
+def _categories(cats: list, kind: str, label: str) -> tuple[np.ndarray, np.ndarray | None]:
+    ids, freq = [], []
     for i, c in enumerate(cats):
         where = f"categories[{i}]"
         if not isinstance(c, dict) or "id" not in c:
@@ -160,7 +159,6 @@ def _categories(cats: list, kind: str, label: str) -> tuple[np.ndarray, np.ndarr
         cid = _int_id(c["id"], label, where)
         where = f"categories[{i}] (id={cid})"
         ids.append(cid)
-        names.append(str(c.get("name", cid)))
         if kind == "lvis":
             f = c.get("frequency")
             if f not in FREQUENCIES:
@@ -174,9 +172,8 @@ def _categories(cats: list, kind: str, label: str) -> tuple[np.ndarray, np.ndarr
     dup = np.nonzero(arr[1:] == arr[:-1])[0]
     if len(dup):
         raise DataError(f"{label}: category id {arr[dup[0]]} appears twice; category ids must be unique")
-    names = [names[i] for i in order]
     frequency = np.asarray(freq, dtype=np.int8)[order] if kind == "lvis" else None
-    return arr, frequency, names
+    return arr, frequency
 
 
 def _images(images: list, label: str) -> np.ndarray:

@@ -8,7 +8,6 @@ dropped detection would change AP without anyone noticing.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -149,9 +148,4 @@ def validate_detections(dets: Detections, gt: GroundTruth) -> None:
     fail(~known_cat, lambda i: f"category_id {dets.category_ids[i]} is not a category of {gt.source}; map "
                                "vocabulary indices to the dataset's category ids")
 
-
-def write_results_json(dets: Detections, path: str | Path) -> None:
-    """Write the standard results JSON (local path)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(dets.to_records()))
 
