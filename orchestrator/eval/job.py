@@ -18,11 +18,12 @@ import io
 import json
 import logging
 import os
+import posixpath
 from dataclasses import dataclass
 
 import numpy as np
 
-from yworld.datasets.storage import StorageOptions, filesystem, join, write_bytes_atomic
+from yworld.datasets.storage import StorageOptions, filesystem, is_local, join, local_path, write_bytes_atomic
 from yworld.model.errors import ConfigError, DataError, WeightsError
 from yworld.orchestrator.eval import lease, report
 from yworld.orchestrator.eval.coco_metrics import evaluate_coco
@@ -85,7 +86,10 @@ class Detector:
     """Ray Data actor: one model replica (on its GPU in production). Letterboxed images in, one row per
     detection out, boxes in original-image pixels (xywh)."""
 
-    def __init__(self, weights: str, text_embeds: np.ndarray, category_ids: np.ndarray, inference: InferenceSpec):
+    def __init__(self, weights: str, text_embeds: np.ndarray, category_ids: np.ndarray, inference: InferenceSpec,
+                 storage: StorageOptions | None = None):
+        import tempfile
+
         import torch
 
         from yworld.model.inference import InferenceModel
@@ -100,7 +104,8 @@ class Detector:
             if self.device.type == "cuda" else None
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(inference.cpus_per_actor)))
-        model = load_model(weights, device=self.device)
+        with tempfile.TemporaryDirectory(prefix="yworld-weights-") as tmp:
+            model = load_model(local_weights(weights, storage, tmp), device=self.device)
         text = torch.tensor(text_embeds, device=self.device)  # [N, D]: one vocabulary for the whole val set
         # the inference fast path: vocabulary and batch norms folded into the weights (a folded model has its own)
         self.model = InferenceModel(model, text_embeds=None if model.folded_vocab is not None else text)
@@ -137,6 +142,25 @@ class Detector:
         }
 
 
+def local_weights(weights: str, storage: StorageOptions | None, folder: str) -> str:
+    """Weights (ours: `.safetensors` + `.json`; or one `.pth` / `.pt`) as a local path: remote ones are copied
+    into `folder` through the job's storage options (its endpoint and keys; fsspec's defaults would ask AWS)."""
+    if is_local(weights):
+        return local_path(weights)
+    if weights.endswith((".pth", ".pt")):  # an official / ultralytics checkpoint: one file
+        fs, path = filesystem(weights, storage)
+        local = os.path.join(folder, posixpath.basename(path))
+        with open(local, "wb") as f:
+            f.write(fs.cat_file(path))
+        return local
+    stem = weights.rsplit(".", 1)[0] if weights.endswith((".safetensors", ".json")) else weights
+    for suffix in (".safetensors", ".json"):
+        fs, path = filesystem(stem + suffix, storage)
+        with open(os.path.join(folder, "model" + suffix), "wb") as f:
+            f.write(fs.cat_file(path))
+    return os.path.join(folder, "model.safetensors")
+
+
 def run_inference(weights: str, images: list[dict], text_embeds: np.ndarray, category_ids: np.ndarray,
                   inference: InferenceSpec, storage: StorageOptions):
     """Detections of every image as an Arrow table (image_id, category_id, x, y, w, h, score)."""
@@ -153,7 +177,7 @@ def run_inference(weights: str, images: list[dict], text_embeds: np.ndarray, cat
         num_gpus=1 if inference.use_gpu else 0, num_cpus=inference.cpus_per_actor,
         **({"accelerator_type": inference.accelerator_type} if inference.use_gpu and inference.accelerator_type else {}),
         fn_constructor_kwargs=dict(weights=weights, text_embeds=text_embeds, category_ids=category_ids,
-                                   inference=inference))
+                                   inference=inference, storage=storage))
     schema = pa.schema([("image_id", pa.int64()), ("category_id", pa.int64()), ("x", pa.float64()),
                         ("y", pa.float64()), ("w", pa.float64()), ("h", pa.float64()), ("score", pa.float64())])
     tables = [t.select(schema.names).cast(schema)

@@ -12,6 +12,7 @@ neck's text-guided attention sees every text slot). Detections on padding slots 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ from yworld.datasets.storage import StorageOptions, filesystem
 from yworld.model.errors import ConfigError
 from yworld.model.inference import InferenceModel
 from yworld.model.postprocess import Detections, Letterbox, letterbox, nms_detections
-from yworld.orchestrator.eval.job import resolve_weights
+from yworld.orchestrator.eval.job import local_weights, resolve_weights
 
 __all__ = ["LabellerSpec", "load_images", "Labeller", "detect", "build_labeller_model", "IMAGE_MISSING",
            "IMAGE_UNDECODABLE"]
@@ -103,12 +104,13 @@ def build_labeller_model(spec: LabellerSpec, weights: str, text_dim: int, device
     from yworld.model.registry import build_model
     from yworld.model.weights import load_model, load_weights
 
-    if weights.endswith((".pth", ".pt")):
-        model = build_model(spec.model_name, text_dim=text_dim)
-        load_weights(model, weights)
-        model = model.to(device).eval()
-    else:
-        model = load_model(resolve_weights(weights, storage), device=device)
+    with tempfile.TemporaryDirectory(prefix="yworld-weights-") as tmp:  # remote weights via the job's storage
+        if weights.endswith((".pth", ".pt")):
+            model = build_model(spec.model_name, text_dim=text_dim)
+            load_weights(model, local_weights(weights, storage, tmp))
+            model = model.to(device).eval()
+        else:
+            model = load_model(local_weights(resolve_weights(weights, storage), storage, tmp), device=device)
     if getattr(model, "folded_vocab", None) is not None:
         raise ConfigError(f"labeller.model {weights} is re-parameterized (its vocabulary is folded in); "
                           "pseudo-labelling asks each image for its own phrases: use the unfolded weights")

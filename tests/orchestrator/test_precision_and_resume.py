@@ -5,7 +5,10 @@
   checkpoint at step 4, resubmitted, and ends with exactly the planned optimizer steps;
 - the resumed run trains on the SAME samples per step as the uninterrupted one (accumulation 2, so the
   resume skips 2 micro-batches per optimizer step): each report's `sample_digest` (a CRC of the image ids
-  rank 0 trained on since the previous report) equals the reference's at the same step.
+  rank 0 trained on since the previous report) equals the reference's at the same step;
+- a run whose storage_path is s3:// (SeaweedFS; DeepSpeed ZeRO-1, bf16) writes its checkpoints and final/
+  to the bucket, resumes from the bucket after a kill, and eval-watch on the bucket evaluates the trainer's
+  own checkpoints exactly once.
 """
 from __future__ import annotations
 
@@ -113,3 +116,71 @@ def test_bf16_deepspeed_run_killed_and_resubmitted_trains_the_same_samples_as_an
     # torch_autocast keeps the weights, and so BatchNorm's statistics, in fp32
     bn = [v for k, v in state["model"].items() if k.endswith(("running_mean", "running_var", "bn.weight"))]
     assert bn and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in bn)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.s3
+def test_run_on_s3_checkpoints_resumes_from_the_bucket_and_is_evaluated_there_once(
+        tiny_overrides, train_shards, s3_server, monkeypatch):
+    import s3fs
+
+    from yworld.datasets.synthetic import SyntheticPaths
+    from yworld.orchestrator.eval.watch import WatchJob, watch
+    from yworld.orchestrator.spec import build, load_spec
+
+    bucket, storage = s3_server.make_bucket(), s3_server.storage()
+    # credentials from the environment, as on a cluster (a spec never takes them from the command line)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", storage.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", storage.secret)
+    overrides = tiny_overrides("s3run", **{"storage.endpoint_url": storage.endpoint_url,
+                                           "strategy.kind": "deepspeed", "strategy.zero_stage": 1,
+                                           "strategy.precision": "bf16", "checkpoint.max_failures": 0,
+                                           "checkpoint.num_to_keep": 2})
+    overrides = [o for o in overrides if not o.startswith("storage_path=")] + [f"storage_path=s3://{bucket}/runs"]
+    job = load_spec("smoke", overrides)
+    fs = s3fs.S3FileSystem(key=storage.key, secret=storage.secret,
+                           client_kwargs={"endpoint_url": storage.endpoint_url})
+    run = f"{bucket}/runs/s3run"
+
+    def registered(step):
+        try:
+            return f"checkpoint_step{step:08d}" in fs.cat_file(f"{run}/checkpoint_manager_snapshot.json").decode()
+        except FileNotFoundError:
+            return False
+
+    again = interrupted_then_resubmitted(job, registered)
+    assert again.steps == PLANNED and again.run_url == f"s3://{run}"
+    (resumed,) = {r["resumed_from_step"] for r in again.history}
+    assert resumed >= 4 and [r["step"] for r in again.history] == list(range(resumed + 2, PLANNED + 1, 2))
+    fs.invalidate_cache()
+    files = sorted(p[len(run) + 1:] for p in fs.find(run))
+    print("\n".join(files))  # the layout, for the record (pytest -s)
+    kept = sorted({f.split("/")[0] for f in files if f.startswith("checkpoint_step")})
+    assert kept == ["checkpoint_step00000012", "checkpoint_step00000016"]  # num_to_keep 2
+    for checkpoint in kept:
+        for name in ("meta.json", "model.safetensors", "model.json", "train_state.pt", "spec.yaml",
+                     "deepspeed/state/mp_rank_00_model_states.pt",
+                     "deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                     "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+            assert f"{checkpoint}/{name}" in files
+    assert {"final/model.safetensors", "final/model.json", "final/meta.json", "spec.yaml",
+            "checkpoint_manager_snapshot.json"} <= set(files)
+    assert any(f.startswith("tensorboard/") for f in files)
+
+    world = SyntheticPaths.at(str(Path(train_shards).parents[1] / "raw"))
+    watch_job = build(WatchJob, {
+        "kind": "eval-watch", "name": "val", "run": "s3run", "storage_path": f"s3://{bucket}/runs",
+        "storage": {"endpoint_url": storage.endpoint_url},
+        "dataset": {"format": "lvis", "annotations": world.lvis_annotations, "images": world.lvis_images,
+                    "max_images": 8},
+        "inference": {"img_size": 128, "batch_size": 4, "score_threshold": 0.0, "max_dets_per_image": 10,
+                      "num_actors": 1},
+        "protocols": ["standard"]}, where="test")
+    assert sorted(watch(watch_job, once=True)) == kept  # the trainer's own checkpoints, read from the bucket
+    assert watch(watch_job, once=True) == []  # exactly once
+    fs.invalidate_cache()
+    for checkpoint in kept:
+        assert fs.exists(f"{run}/eval/val/{checkpoint}/done.json")
+        assert fs.exists(f"{run}/eval/val/{checkpoint}/metrics.json")
+    assert fs.exists(f"{run}/eval/val/results.csv")
