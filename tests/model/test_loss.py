@@ -61,7 +61,8 @@ def test_decode_matches_the_head_contract():
     decoded = decode_boxes(out.box_dist.view(1, -1, 4, R), out.anchors, out.strides)
     assert torch.allclose(decoded, out.boxes, atol=1e-4)
     # the contract written out: anchor -/+ (softmax expectation over bins 0..R-1) x stride
-    ltrb = (out.box_dist.view(1, -1, 4, R).softmax(-1) * torch.arange(R, dtype=torch.float32)).sum(-1) * out.strides[:, None]
+    bins = torch.arange(R, dtype=torch.float32)
+    ltrb = (out.box_dist.view(1, -1, 4, R).softmax(-1) * bins).sum(-1) * out.strides[:, None]
     expected = torch.cat([out.anchors - ltrb[..., :2], out.anchors + ltrb[..., 2:]], -1)
     torch.testing.assert_close(out.boxes, expected, atol=1e-4, rtol=1e-5)
 
