@@ -64,27 +64,32 @@ class LabellerSpec:
 # ------------------------------------------------------------------------------------------ CPU stage
 def load_images(batch: dict[str, np.ndarray], img_size: int, storage: StorageOptions,
                 keep_bytes: bool) -> dict[str, np.ndarray]:
-    """Read, decode and letterbox (Ray tasks). A missing or undecodable image only sets the row's status."""
+    """Read (`url`; ingested shards bring the bytes in `data`), decode and letterbox (Ray tasks). A missing or
+    undecodable image only sets the row's status."""
     import cv2
 
     cv2.setNumThreads(1)
-    n = len(batch["url"])
+    urls = batch.get("url")
+    n = len(batch["status"])
     status = batch["status"].astype(object).copy()
     images = np.full((n, img_size, img_size, 3), 114, np.uint8)
     info = np.zeros((n, 6), np.float64)
     sizes = np.zeros((n, 2), np.int64)
     data_out = np.empty(n, dtype=object)
-    for i, url in enumerate(batch["url"]):
+    for i in range(n):
         data_out[i] = b""
         if status[i] != "ok":
             continue
-        fs, path = filesystem(str(url), storage)
-        try:
-            data = fs.cat_file(path)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            status[i] = IMAGE_MISSING
-            continue
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if urls is None:
+            data = bytes(batch["data"][i])
+        else:
+            fs, path = filesystem(str(urls[i]), storage)
+            try:
+                data = fs.cat_file(path)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                status[i] = IMAGE_MISSING
+                continue
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
         if image is None or image.size == 0:
             status[i] = IMAGE_UNDECODABLE
             continue
@@ -93,7 +98,7 @@ def load_images(batch: dict[str, np.ndarray], img_size: int, storage: StorageOpt
         info[i] = (lb.scale_x, lb.scale_y, lb.pad_left, lb.pad_top, *lb.original_hw)
         sizes[i] = (image.shape[1], image.shape[0])
         data_out[i] = data if keep_bytes else b""
-    return {**{k: v for k, v in batch.items() if k != "url"}, "status": status, "image": images,
+    return {**{k: v for k, v in batch.items() if k not in ("url", "data")}, "status": status, "image": images,
             "letterbox": info, "width": sizes[:, 0], "height": sizes[:, 1], "data": data_out}
 
 

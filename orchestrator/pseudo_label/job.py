@@ -1,6 +1,6 @@
 """`kind: pseudo_label`: image-text pairs -> grounded boxes (paper §3.4, App. B), as a Ray job of its own.
 
-    captions file + image folder (object storage)
+    captions file + image folder, or ingested shards (`shard_input`: phrases = texts), in object storage
       ─▶ Ray Data: noun_phrases (tasks) ─▶ load_images (tasks) ─▶ Labeller actors ─▶ rescore (CLIP actors, or
          the detector's scores) + filters ─▶ driver: one label part per shard of `shard_size` images
       ─▶ pseudo_labels.json (CC3M format) ─▶ `ingest --format cc3m` ─▶ shards/ + report [+ quality vs truth]
@@ -11,7 +11,8 @@ marker with its sha256 and a key hashing the plan (settings that change labels, 
 the captions of the shard). A job killed mid-way and run again labels only the unfinished shards; the
 merged JSON is built from the parts in shard order, so it equals an uninterrupted run's. Bad input (an
 unreadable caption line, an empty caption, a caption without a noun phrase, a missing or undecodable
-image) is counted by reason, never fatal.
+image) is counted by reason, never fatal. With `input.shards` (re-labelling ingested records) shard i of the plan
+is the manifest's shard i, keyed by its sha256.
 
 Outputs under `output`: `labels/` (parts + `_done/`), `pseudo_labels.json`, `shards/` (manifest + Parquet,
 what a train job's `data.sources` reads), `stats.json`, `report.md`, `histograms.png`, `phrases.png`,
@@ -40,6 +41,7 @@ from yworld.orchestrator.pseudo_label.detect import LabellerSpec, Labeller, load
 from yworld.orchestrator.pseudo_label.filters import FilterSpec
 from yworld.orchestrator.pseudo_label.noun_phrases import PhraseSpec, add_phrases
 from yworld.orchestrator.pseudo_label.rescore import ClipRescorer, RescoreSpec, score_with_detector
+from yworld.orchestrator.pseudo_label.shard_input import InputShard, read_shard_plan, read_shard_rows
 from yworld.orchestrator.ray_setup import init_ray
 
 log = logging.getLogger(__name__)
@@ -53,13 +55,22 @@ DEFAULT_TEXT_ENCODER = "openai/clip-vit-base-patch32"
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Image-text pairs: a CC3M-style captions file and the folder its image paths are relative to."""
+    """Image-text pairs: a CC3M-style captions file and the folder its image paths are relative to, or (instead)
+    a folder of ingested shards whose records are re-labelled (their texts are the phrases)."""
 
     captions: str = ""  # URL: .tsv (image<TAB>caption; a header row naming the two columns is optional) or .jsonl
     images: str = ""  # URL of the image folder
+    shards: str = ""  # URL of a `yworld ingest` output folder (its manifest.json), instead of captions + images
     image_column: str = "image"
     caption_column: str = "caption"
     max_images: int = 0  # 0 = all
+
+    def __post_init__(self):
+        if (self.captions or self.images) and self.shards:
+            raise ValueError("give either captions + images or shards, not both")
+        if not self.shards and not (self.captions and self.images):
+            raise ValueError("give captions (a .tsv / .jsonl file) and images (their folder), "
+                             "or shards (an ingested shard folder)")
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,7 @@ class TruthSpec:
 class PseudoLabelSpec:
     """The pipeline: shared by `kind: pseudo_label` and a train job's `pseudo_label:` step."""
 
-    input: InputSpec = field(default_factory=InputSpec)
+    input: InputSpec  # required: captions + images, or shards
     phrases: PhraseSpec = field(default_factory=PhraseSpec)
     labeller: LabellerSpec = field(default_factory=LabellerSpec)
     rescore: RescoreSpec = field(default_factory=RescoreSpec)
@@ -91,8 +102,6 @@ class PseudoLabelSpec:
     def __post_init__(self):
         if self.shard_size < 1 or self.examples < 0:
             raise ValueError("shard_size must be >= 1 and examples >= 0")
-        if not self.input.captions or not self.input.images:
-            raise ValueError("input: give captions (a .tsv / .jsonl file) and images (their folder)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +186,8 @@ def _plan(spec: PseudoLabelSpec, weights: str, text_encoder: str, storage: Stora
                 for name in ("phrases", "labeller", "rescore", "filters")}
     settings["labeller"].update(model=_digest(weights, storage), text_encoder=text_encoder)
     settings.update(images=spec.input.images, shard_size=spec.shard_size, version=1)
+    if spec.input.shards:
+        settings["shards"] = spec.input.shards
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -192,17 +203,34 @@ def part_name(index: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the pipeline
-def _dataset(rows: list[dict], spec: PseudoLabelSpec, weights: str, text_encoder: str, class_texts,
-             storage: StorageOptions):
+def _caption_rows(rows: list[dict], spec: PseudoLabelSpec, class_texts):
+    """Captions-file input: the rows, then their noun phrases."""
     import ray
 
-    lab, res = spec.labeller, spec.rescore
+    lab = spec.labeller
     # Blocks of at most 256 rows (a letterboxed 640 px block is then ~300 MB), at least one labeller batch,
     # and at least 8 per actor so every actor is busy and finished shards reach the driver steadily.
     per_block = max(lab.batch_size, min(256, -(-len(rows) // (8 * lab.num_actors))))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_block)))
-    ds = ds.map_batches(add_phrases, batch_size=spec.phrases.batch_size, batch_format="numpy",
-                        fn_kwargs=dict(spec=spec.phrases, class_texts=class_texts))
+    return ds.map_batches(add_phrases, batch_size=spec.phrases.batch_size, batch_format="numpy",
+                          fn_kwargs=dict(spec=spec.phrases, class_texts=class_texts))
+
+
+def _shard_rows(shards: dict[int, InputShard], spec: PseudoLabelSpec, images_url: str, storage: StorageOptions):
+    """Ingested-shards input: one task per shard reads its records (phrases = texts, images copied out)."""
+    import ray
+
+    items = [{"shard": i, "url": s.url, "rows": s.rows} for i, s in shards.items()]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.flat_map(read_shard_rows, fn_kwargs=dict(storage=storage, images_url=images_url,
+                                                       max_phrases=spec.phrases.max_phrases))
+
+
+def _dataset(ds, spec: PseudoLabelSpec, weights: str, text_encoder: str, storage: StorageOptions):
+    """Rows with phrases (and `url`, or the image bytes in `data`) -> labelled, rescored, filtered rows."""
+    import ray
+
+    lab, res = spec.labeller, spec.rescore
     ds = ds.map_batches(load_images, batch_size=lab.batch_size, batch_format="numpy",
                         fn_kwargs=dict(img_size=lab.img_size, storage=storage, keep_bytes=bool(res.clip)))
     # Without CLIP, scoring and filtering are cheap: they run in the labeller's actor (a task-pool stage of
@@ -264,44 +292,42 @@ def _part(rows: list[dict]) -> dict:
     return {"images": images}
 
 
-def _label_shards(spec, pairs, plan, weights, text_encoder, class_texts, labels_url,
+def _label_shards(spec, sizes: list[int], keys: list[str], rows_of, weights, text_encoder, labels_url,
                   storage) -> tuple[int, int, float]:
-    """Label every unfinished shard; returns (shards skipped, images labelled, seconds of labelling)."""
+    """Label every unfinished shard (shard i: `sizes[i]` images; `rows_of(pending)` is the Ray dataset of
+    their rows); returns (shards skipped, images labelled, seconds of labelling)."""
     from tqdm.auto import tqdm
 
     fs, root = filesystem(labels_url, storage)
-    chunks = [pairs[i: i + spec.shard_size] for i in range(0, len(pairs), spec.shard_size)]
-    keys = [_shard_key(plan, c) for c in chunks]
     with storage_errors(labels_url, storage):
-        pending = [i for i in range(len(chunks)) if finished_shard(
+        pending = [i for i in range(len(sizes)) if finished_shard(
             fs, f"{root}/{part_name(i)}", f"{root}/{DONE_DIR}/{part_name(i)}.json", keys[i]) is None]
-    skipped = len(chunks) - len(pending)
+    skipped = len(sizes) - len(pending)
     if skipped:
-        log.info("%d of %d label shards already done (verified by sha256)", skipped, len(chunks))
+        log.info("%d of %d label shards already done (verified by sha256)", skipped, len(sizes))
     if not pending:
         return skipped, 0, 0.0
     t0 = time.time()
-    rows = [{"shard": i, "index": j, "file_name": image, "url": join(spec.input.images, image), "caption": caption}
-            for i in pending for j, (image, caption) in enumerate(chunks[i])]
+    total = sum(sizes[i] for i in pending)
     collected: dict[int, list[dict]] = {i: [] for i in pending}
-    ds = _dataset(rows, spec, weights, text_encoder, class_texts, storage)
-    with tqdm(total=len(rows), unit="img", desc="pseudo-label", disable=not spec.progress) as bar, \
+    ds = _dataset(rows_of(pending), spec, weights, text_encoder, storage)
+    with tqdm(total=total, unit="img", desc="pseudo-label", disable=not spec.progress) as bar, \
             _one_line_errors():
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for k in range(len(batch["shard"])):
                 row = {c: batch[c][k] for c in _OUT_COLUMNS}
                 shard = int(row["shard"])
                 collected[shard].append(row)
-                if len(collected[shard]) == len(chunks[shard]):  # the shard is complete: persist it
+                if len(collected[shard]) == sizes[shard]:  # the shard is complete: persist it
                     blob = json.dumps(_part(collected.pop(shard))).encode("utf-8")
                     with storage_errors(labels_url, storage):
                         write_finished_shard(fs, f"{root}/{part_name(shard)}",
                                              f"{root}/{DONE_DIR}/{part_name(shard)}.json", blob, keys[shard],
-                                             {"index": shard, "images": len(chunks[shard])})
+                                             {"index": shard, "images": sizes[shard]})
             bar.update(len(batch["shard"]))
     if collected:
         raise DataError(f"pseudo-labelling ended with {len(collected)} incomplete shards; run the job again")
-    return skipped, len(rows), time.time() - t0
+    return skipped, total, time.time() - t0
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -325,7 +351,7 @@ def _merge(parts: list[dict], spec: PseudoLabelSpec, scorer: str, weights: str) 
                              "area": round(w * h, 2), "iscrowd": 0, "category_id": 1, "tokens": text,
                              "tokens_positive": [[start, end]], "score": ct, "confidence": c, "region_score": s_r})
     info = {"description": "yworld pseudo labels (paper §3.4 / App. B pipeline)", "scorer": scorer,
-            "labeller": weights, "phrases": spec.phrases.mode,
+            "labeller": weights, "phrases": "texts" if spec.input.shards else spec.phrases.mode,
             "thresholds": asdict(spec.filters), "rescore_clip": spec.rescore.clip}
     return {"info": info, "images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
 
@@ -344,23 +370,38 @@ def label(spec: PseudoLabelSpec, storage: StorageOptions | None = None, *, weigh
     output = output or spec.output
     if not weights or not output:
         raise ConfigError("pseudo_label: labeller.model and output must be set")
-    for url in (output, spec.input.captions, spec.input.images):
+    for url in (output, spec.input.captions, spec.input.images, spec.input.shards):
         probe(url, storage)
-    class_texts = None
-    if spec.phrases.mode == "vocabulary":
-        from yworld.model.vocabulary import read_class_texts
-
-        class_texts = read_class_texts(spec.phrases.class_texts)
     rejects = Rejects()
-    pairs = read_pairs(spec.input, storage, rejects)
     plan = _plan(spec, weights, text_encoder, storage)
-    labels_url = join(output, "labels")
-    log.info("pseudo-labelling %d image-text pairs with %s (%s scorer) -> %s", len(pairs), weights,
-             spec.rescore.scorer, output)
-    skipped, labelled, seconds = _label_shards(spec, pairs, plan, weights, text_encoder, class_texts, labels_url,
-                                               storage)
+    if spec.input.shards:  # re-labelling ingested records: the plan is the manifest's shards
+        images_url = join(output, "images")
+        shards = read_shard_plan(spec.input.shards, storage, spec.input.max_images)
+        sizes, keys = [s.rows for s in shards], [s.key(plan) for s in shards]
 
-    n_parts = -(-len(pairs) // spec.shard_size)
+        def rows_of(pending):
+            return _shard_rows({i: shards[i] for i in pending}, spec, images_url, storage)
+    else:
+        images_url = spec.input.images
+        class_texts = None
+        if spec.phrases.mode == "vocabulary":
+            from yworld.model.vocabulary import read_class_texts
+
+            class_texts = read_class_texts(spec.phrases.class_texts)
+        pairs = read_pairs(spec.input, storage, rejects)
+        chunks = [pairs[i: i + spec.shard_size] for i in range(0, len(pairs), spec.shard_size)]
+        sizes, keys = [len(c) for c in chunks], [_shard_key(plan, c) for c in chunks]
+
+        def rows_of(pending):
+            rows = [{"shard": i, "index": j, "file_name": image, "url": join(images_url, image), "caption": caption}
+                    for i in pending for j, (image, caption) in enumerate(chunks[i])]
+            return _caption_rows(rows, spec, class_texts)
+    log.info("pseudo-labelling %d image-text pairs with %s (%s scorer) -> %s", sum(sizes), weights,
+             spec.rescore.scorer, output)
+    labels_url = join(output, "labels")
+    skipped, labelled, seconds = _label_shards(spec, sizes, keys, rows_of, weights, text_encoder, labels_url, storage)
+
+    n_parts = len(sizes)
     fs, root = filesystem(labels_url, storage)
     with storage_errors(labels_url, storage):
         parts = [json.loads(fs.cat_file(f"{root}/{part_name(i)}")) for i in range(n_parts)]
@@ -370,17 +411,17 @@ def label(spec: PseudoLabelSpec, storage: StorageOptions | None = None, *, weigh
     with storage_errors(output, storage):
         write_bytes_atomic(out_fs, f"{out_root}/{JSON_FILE}", json.dumps(merged).encode("utf-8"))
     shards_url = join(output, "shards")
-    ingest(IngestConfig(format="cc3m", annotations=[json_url], images=[spec.input.images], out=shards_url,
+    ingest(IngestConfig(format="cc3m", annotations=[json_url], images=[images_url], out=shards_url,
                        source=spec.source, shard_size=spec.shard_size), storage, progress=spec.progress)
 
-    stats = Statistics.from_parts(parts, rejects, spec.rescore.scorer, len(pairs)).to_dict()
+    stats = Statistics.from_parts(parts, rejects, spec.rescore.scorer, sum(sizes)).to_dict()
     stats.update(shards=n_parts, shards_skipped=skipped, labelling_seconds=round(seconds, 2),
                  images_processed=labelled, images_per_s=round(labelled / seconds, 2) if seconds else None,
                  seconds=round(time.time() - t0, 2), labeller=weights, text_encoder=text_encoder)
     rows = None
     if spec.truth is not None and spec.truth.annotations:
         rows = quality.score(merged, spec.truth, storage)
-    report.write(output, stats, rows, merged, spec.input.images, spec.examples, storage)
+    report.write(output, stats, rows, merged, images_url, spec.examples, storage)
     return PseudoLabelOutcome(output, json_url, shards_url, spec.rescore.scorer, stats, rows)
 
 

@@ -197,3 +197,84 @@ def test_clip_rescoring_path(world, ray_session, tiny_clip, tmp_path):
     np.testing.assert_allclose(c_tilde, np.sqrt(c * s_r), atol=2e-5)
     assert all(0 < r["s_img"] < 1 for r in results)
     assert len(data["images"]) == 6 and data["annotations"]  # every image passes the open filters
+
+
+def _shard_folder(records, folder: Path, per_shard: int) -> None:
+    """A `yworld ingest`-style folder (manifest + Parquet shards) holding `records`."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from yworld.datasets.manifest import Manifest, ShardInfo, write_manifest
+    from yworld.datasets.records import records_to_table
+
+    folder.mkdir(parents=True)
+    infos = []
+    for k in range(0, len(records), per_shard):
+        path = folder / f"part-{k // per_shard:05d}.parquet"
+        pq.write_table(records_to_table(records[k: k + per_shard]), path)
+        data = path.read_bytes()
+        infos.append(ShardInfo(path.name, len(records[k: k + per_shard]), hashlib.sha256(data).hexdigest(), len(data)))
+    write_manifest(str(folder), Manifest(source="relabel", kind="image_text", format="cc3m", shards=infos))
+
+
+def test_relabelling_ingested_shards(labelled, world, ray_session, tmp_path):
+    """`input.shards`: the job's own image_text shards (plus bad rows) re-labelled; phrases = the records' texts."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from yworld.datasets.manifest import read_manifest, shard_urls
+    from yworld.datasets.records import iter_records
+    from yworld.orchestrator.cli import main
+    from yworld.orchestrator.pseudo_label.job import label
+
+    manifest = read_manifest(labelled.shards)
+    good = [r for url in shard_urls(labelled.shards, manifest) for r in iter_records(pq.read_table(url))][:5]
+    assert len(good) == 5 and all(r.texts for r in good)
+    bad = [dataclasses.replace(good[0], image_id="b1", file_name="broken.jpg", image=b"not an image"),
+           dataclasses.replace(good[1], image_id="b2", file_name="no_texts.jpg", texts=[], boxes=np.zeros((0, 4)),
+                               box_text=[], category_ids=[]),
+           dataclasses.replace(good[2], image_id="b3", file_name="../outside.jpg")]
+    _shard_folder(good[:3] + bad[:1] + good[3:] + bad[1:], tmp_path / "in", per_shard=4)
+
+    spec = _spec_dict(world, tmp_path / "out", truth=None)
+    spec["input"] = {"shards": str(tmp_path / "in")}
+    job = _job(spec)
+    out = label(job, job.storage)
+    stats = out.stats
+    assert stats["images_by_status"] == {"file_name_invalid": 1, "image_undecodable": 1, "ok": 5, "texts_empty": 1}
+    assert stats["images_in"] == 8 and stats["shards"] == 2 and stats["images_labelled"] == stats["images_kept"] == 5
+    data = json.loads(Path(out.json).read_text())
+    texts = {r.file_name: [t[0] for t in r.texts] for r in good}
+    assert [img["file_name"] for img in data["images"]] == [r.file_name for r in good]
+    for img in data["images"]:  # the caption is built from the record's phrases, in their order
+        assert img["caption"] == " ".join(f"{t}." for t in dict.fromkeys(texts[img["file_name"]]))
+    assert data["annotations"] and data["info"]["phrases"] == "texts"
+    for ann in data["annotations"]:
+        img = data["images"][ann["image_id"] - 1]
+        (start, end), = ann["tokens_positive"]
+        assert img["caption"][start:end] == ann["tokens"] and ann["tokens"] in texts[img["file_name"]]
+    assert not (tmp_path / "outside.jpg").exists()  # a record's file_name never escapes the output folder
+    assert main(["ingest", "--format", "cc3m", "--annotations", out.json, "--images", str(tmp_path / "out" / "images"),
+                 "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    for folder in (out.shards, str(tmp_path / "again")):
+        manifest = read_manifest(folder)
+        assert manifest.rows == 5 and manifest.stats["boxes_written"] == len(data["annotations"])
+    again = label(job, job.storage)  # resumable per input shard: nothing left to do
+    assert again.stats["shards_skipped"] == 2 and Path(again.json).read_bytes() == Path(out.json).read_bytes()
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"captions": "c.tsv", "images": "imgs", "shards": "in"}, "not both"),
+    ({}, "or shards"),
+    ({"captions": "c.tsv"}, "or shards"),
+])
+def test_input_is_captions_and_images_or_shards(world, tmp_path, given, message):
+    from yworld.model.errors import ConfigError
+
+    spec = _spec_dict(world, tmp_path / "out")
+    spec["input"] = given
+    with pytest.raises(ConfigError, match="input") as e:
+        _job(spec)
+    assert message in str(e.value) and "\n" not in str(e.value)
