@@ -16,7 +16,8 @@ is the manifest's shard i, keyed by its sha256.
 
 Outputs under `output`: `labels/` (parts + `_done/`), `pseudo_labels.json`, `shards/` (manifest + Parquet,
 what a train job's `data.sources` reads), `stats.json`, `report.md`, `histograms.png`, `phrases.png`,
-`examples.png`, and `quality.json` when `truth` is given (precision / recall against known boxes).
+`examples.png`, and `quality.json` when `truth` is given (precision / recall against known boxes); with
+`input.shards`, `images/` (the labelled records' images, the folder the JSON's `file_name`s are relative to).
 """
 from __future__ import annotations
 

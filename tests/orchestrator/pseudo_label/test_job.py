@@ -263,18 +263,3 @@ def test_relabelling_ingested_shards(labelled, world, ray_session, tmp_path):
         assert manifest.rows == 5 and manifest.stats["boxes_written"] == len(data["annotations"])
     again = label(job, job.storage)  # resumable per input shard: nothing left to do
     assert again.stats["shards_skipped"] == 2 and Path(again.json).read_bytes() == Path(out.json).read_bytes()
-
-
-@pytest.mark.parametrize("given, message", [
-    ({"captions": "c.tsv", "images": "imgs", "shards": "in"}, "not both"),
-    ({}, "or shards"),
-    ({"captions": "c.tsv"}, "or shards"),
-])
-def test_input_is_captions_and_images_or_shards(world, tmp_path, given, message):
-    from yworld.model.errors import ConfigError
-
-    spec = _spec_dict(world, tmp_path / "out")
-    spec["input"] = given
-    with pytest.raises(ConfigError, match="input") as e:
-        _job(spec)
-    assert message in str(e.value) and "\n" not in str(e.value)

@@ -151,6 +151,27 @@ def test_spec_validation_is_one_line(tmp_path):
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     with pytest.raises(ConfigError, match="labeller.model: give the detector's weights"):
         load_spec(_write(tmp_path, base.replace("labeller: {model: m.safetensors}\n", "")))
+    # input: a captions file with its images, or ingested shards; exactly one of the two forms
+    inputs = {"input: {captions: c.tsv, images: img, shards: s3://b/shards}\n": "input: give either captions + "
+              "images or shards, not both", "input: {captions: c.tsv}\n": "input: give captions (a .tsv / .jsonl "
+              "file) and images (their folder), or shards", "": "input: missing; expected a section"}
+    for line, message in inputs.items():
+        with pytest.raises(ConfigError) as e:
+            load_spec(_write(tmp_path, base.replace("input: {captions: c.tsv, images: img}\n", line)))
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    job = load_spec(_write(tmp_path, base.replace("{captions: c.tsv, images: img}", "{shards: s3://b/s}")))
+    assert job.input.shards == "s3://b/s" and not job.input.captions
+
+
+def test_caption_from_record_texts_has_exact_spans():
+    from yworld.orchestrator.pseudo_label.shard_input import caption_from_texts
+
+    texts = [["red circle", "disc"], ["", "blue square"], ["Red Circle"], ["  "], ["x.y star"], ["tile"]]
+    caption, phrases = caption_from_texts(texts, max_phrases=3)
+    assert caption == "red circle. blue square. x.y star."  # first usable synonym, case-insensitive de-dupe
+    assert [p[0] for p in phrases] == ["red circle", "blue square", "x.y star"]  # max_phrases caps, in order
+    assert all(caption[start:end] == text for text, start, end in phrases)
+    assert caption_from_texts([], 32) == ("", []) and caption_from_texts([[""]], 32) == ("", [])
 
 
 def test_submit_checks_the_output_like_other_jobs():
