@@ -109,7 +109,13 @@ def test_bf16_deepspeed_run_killed_and_resubmitted_trains_the_same_samples_as_an
     assert {r["step"]: r["sample_digest"] for r in again.history} == \
         {s: d for s, d in digests.items() if s > resumed}
 
+    # it learned: the resumed run's last reports against the reference's first (same samples, same start)
+    first, last = [r["loss"] for r in reference.history[:3]], [r["loss"] for r in again.history[-3:]]
+    assert sum(last) / len(last) < 0.85 * sum(first) / len(first), (first, last)
     last = run / f"checkpoint_step{PLANNED:08d}"
+    shards = sorted(p.name for p in (last / "deepspeed" / "state").glob("zero_pp_rank_*_optim_states.pt"))
+    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt",  # one ZeRO-2 optimizer shard per rank
+                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert deepspeed_optimizer_steps(last / "deepspeed" / "state") == {PLANNED}
     state = torch.load(last / "train_state.pt", weights_only=True)
     assert state["ema"]["updates"] == PLANNED
