@@ -19,26 +19,22 @@ processes. The shards are built from the photos that ship with ultralytics / sci
 (random crops, JPEG q90, 640 x 480 to 800 x 600, 3-12 boxes) unless `--data URL` points at shards written
 by `yworld ingest`.
 
-    .venv/bin/python bench/data_throughput.py --workers 2 [--images 2048] [--unordered] [--write-docs]
+    .venv/bin/python bench/data_throughput.py --workers 2 [--images 2048] [--epochs 4] [--unordered]
 
 The stream is the training default (`seed: 0`: deterministic order); `--unordered` measures `seed: null`.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs" / "benchmarks.md"
 BATCH = 16
 # 1.38 M images (O365 609k + GQA 621k + Flickr 149k) x 100 epochs in ~2 days on 32 V100
 # (paper Table 1, §4.2; docs/reference.md §3.7) = ~800 img/s over 32 GPUs [derived]
@@ -259,15 +255,17 @@ class TorchLoader:
         return n
 
 
-def run_interleaved(cfg, url: str, workers: int, epochs: int) -> tuple[list, list, dict[str, float]]:
+def run_interleaved(cfg, url: str, workers: int, epochs: int, at_rest_s: float = 15.0):
     """Epochs of the two pipelines in turn (DataLoader, Ray, DataLoader, Ray, ...), so that a change in
     the machine's load hits both. The DataLoader forks its workers before Ray starts. Returns per-epoch
-    (images/s wall, images per CPU-second) of each side and Ray's warm CPU ms per image by process role;
-    a side's CPU is its own processes' (Ray's idle background during DataLoader epochs is not charged)."""
+    (images/s wall, images per CPU-second, images per CPU-second above Ray's use at rest) of each side,
+    Ray's warm CPU ms per image by process role, and Ray's CPU use at rest (CPU-seconds per second, measured
+    for `at_rest_s` after the last epoch, once Ray has settled). A side's CPU is its own processes' (Ray's
+    background during DataLoader epochs is not charged to either)."""
     cpu = TreeCpu()
     torch_side = TorchLoader(cfg, url, workers)
     ray_side = None
-    torch_rates, ray_rates, ray_ms = [], [], {}
+    torch_rates, ray_runs, ray_ms = [], [], {}
     try:
         for epoch in range(epochs):
             for name in ("torch", "ray"):
@@ -281,20 +279,26 @@ def run_interleaved(cfg, url: str, workers: int, epochs: int) -> tuple[list, lis
                 roles = cpu.by_role
                 if name == "torch":
                     used = roles.get("driver / main process", 0) + roles.get("DataLoader workers", 0)
-                    torch_rates.append((n / wall, n / used))
+                    torch_rates.append((n / wall, n / used, n / used))
                 else:
                     used = sum(v for k, v in roles.items() if k != "DataLoader workers")
-                    ray_rates.append((n / wall, n / used))
+                    ray_runs.append((n, wall, used))
                     if epoch:
                         for role, sec in roles.items():
                             if role != "DataLoader workers":
                                 ray_ms[role] = ray_ms.get(role, 0.0) + 1000 * sec / n / (epochs - 1)
                 print(f"epoch {epoch} {name:5s}: {n / wall:6.1f} images/s, {n / used:6.1f} per CPU-second",
                       flush=True)
+        time.sleep(5)  # Ray settles (its last tasks' workers go idle)
+        cpu.seconds()
+        time.sleep(at_rest_s)
+        cpu.seconds()
+        at_rest = sum(v for k, v in cpu.by_role.items() if k != "DataLoader workers") / at_rest_s
     finally:
         if ray_side is not None:
             ray_side.close()
-    return torch_rates, ray_rates, ray_ms
+    ray_rates = [(n / wall, n / used, n / max(used - at_rest * wall, 1e-9)) for n, wall, used in ray_runs]
+    return torch_rates, ray_rates, ray_ms, at_rest
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -310,20 +314,6 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, load avg {os.getloadavg()[0]:.1f} at start"
 
 
-def write_docs(text: str) -> None:
-    """Replace (or add) the "## Data stream" section of docs/benchmarks.md, leaving other sections alone."""
-    head = "## Data stream"
-    old = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    lines = old.splitlines()
-    if head in lines:
-        i = lines.index(head)
-        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
-        lines[i:j] = text.rstrip("\n").splitlines() + [""]
-    else:
-        lines += [""] + text.rstrip("\n").splitlines()
-    DOCS.write_text("\n".join(lines).rstrip("\n") + "\n")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="CPU workers on both sides")
@@ -337,7 +327,6 @@ def main() -> int:
     ap.add_argument("--unordered", action="store_true",
                     help="seed: null (blocks in completion order) instead of the seeded, ordered training stream")
     ap.add_argument("--data", default="", help="shard folder URL from `yworld ingest` instead of generated data")
-    ap.add_argument("--write-docs", action="store_true", help="write the result into docs/benchmarks.md")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -345,7 +334,7 @@ def main() -> int:
 
     from yworld.datasets.stream import SourceConfig, StreamConfig
 
-    host = machine()
+    print(f"machine: {machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="yworld-bench-") as tmp:
         t0 = time.perf_counter()
         url = args.data or make_shards(Path(tmp), args.images, args.rows_per_shard)
@@ -353,79 +342,34 @@ def main() -> int:
         cfg = StreamConfig(sources=(SourceConfig("bench", url),), img_size=args.size, affine_scale=args.affine_scale,
                            mosaic=1.0, mixup=0.0, close_mosaic_epochs=0, seed=None if args.unordered else 0,
                            shuffle_buffer=args.shuffle_buffer)
-        torch_rates, ray_rates, ray_ms = run_interleaved(cfg, url, args.workers, args.epochs)
+        torch_rates, ray_rates, ray_ms, at_rest = run_interleaved(cfg, url, args.workers, args.epochs)
 
     warm = slice(1, None) if args.epochs > 1 else slice(None)  # the first epoch starts the workers
-    ray_wall, ray_cpu = np.mean(ray_rates[warm], axis=0)
-    torch_wall, torch_cpu = np.mean(torch_rates[warm], axis=0)
+    ray_wall, ray_cpu, ray_busy = np.mean(ray_rates[warm], axis=0)
+    torch_wall, torch_cpu, _ = np.mean(torch_rates[warm], axis=0)
     ratio, cpu_ratio = ray_wall / torch_wall, ray_cpu / torch_cpu
-    # a core's worth: what one fully available core delivers (CPU accounting), and what the wall clock gave
-    per_core = ray_cpu
     lines = [
-        f"ratio Ray / DataLoader = {ratio:.2f} wall clock (goal >= 0.95), {cpu_ratio:.2f} per CPU-second",
+        f"ratio Ray / DataLoader = {ratio:.2f} wall clock, {cpu_ratio:.2f} per CPU-second (goal >= 0.95 both)",
         f"Ray Data: {ray_wall:.1f} images/s on {args.workers} CPU workers ({ray_wall / args.workers:.1f} per worker); "
         f"{ray_cpu:.1f} images per CPU-second",
         f"DataLoader: {torch_wall:.1f} images/s ({torch_wall / args.workers:.1f} per worker); "
         f"{torch_cpu:.1f} images per CPU-second",
+        f"Ray at rest (after its last epoch): {1000 * at_rest:.0f} ms CPU per second; above it, Ray gives "
+        f"{ray_busy:.1f} images per CPU-second = {ray_busy / torch_cpu:.2f} of the DataLoader",
         f"projected CPU cores per GPU (32 GPUs x {BATCH} images/step): "
-        f"{V100_IMAGES_PER_S / per_core:.2f} at {V100_IMAGES_PER_S:.0f} img/s per GPU (V100, official), "
-        f"{H100_IMAGES_PER_S / per_core:.2f} at {H100_IMAGES_PER_S:.0f} img/s per GPU (assumed H100)",
+        f"{V100_IMAGES_PER_S / ray_cpu:.2f} at {V100_IMAGES_PER_S:.0f} img/s per GPU (V100, official), "
+        f"{H100_IMAGES_PER_S / ray_cpu:.2f} at {H100_IMAGES_PER_S:.0f} img/s per GPU (assumed H100)",
+        "per epoch (images/s wall / per CPU-second): Ray " + _epochs(ray_rates) + "; DataLoader " + _epochs(torch_rates),
     ]
     breakdown = ", ".join(f"{role} {ms:.2f}" for role, ms in sorted(ray_ms.items(), key=lambda x: -x[1])
                           if ms >= 0.01)
-    lines.append(f"Ray CPU ms per image by process: {breakdown}")
+    lines.append(f"Ray CPU ms per image by process: {breakdown}; the DataLoader's processes: {1000 / torch_cpu:.2f}")
     print("\n".join(lines))
-    if args.write_docs:
-        cmd = " ".join([".venv/bin/python bench/data_throughput.py", *sys.argv[1:]]).replace(" --write-docs", "")
-        write_docs(f"""## Data stream
-
-`{cmd}` on {datetime.date.today().isoformat()}, {host}. Training stream at {args.size} px
-(mosaic of 4 + random affine 1 +- {args.affine_scale} + HSV + flip + online vocabulary, batch {BATCH}) over
-{args.images if not args.data else 'ingested'} images, {args.workers} CPU workers on both sides, epochs alternating
-between the two; mean of the {args.epochs - 1} warm epochs. "Per CPU-second" counts the CPU time of each side's
-processes (driver, raylet, GCS, Ray workers / main process, DataLoader workers), so it does not depend on
-how busy the machine was; the wall-clock rates do (the machine was shared with other jobs).
-
-| pipeline | images/s (wall) | per worker | images per CPU-second |
-|---|---|---|---|
-| Ray Data stream (`build_train_datasets` -> `streaming_split` -> `iter_collated`) | {ray_wall:.1f} | {ray_wall / args.workers:.1f} | {ray_cpu:.1f} |
-| torch DataLoader, same `augment_window` + collate | {torch_wall:.1f} | {torch_wall / args.workers:.1f} | {torch_cpu:.1f} |
-| **ratio Ray / DataLoader** | **{ratio:.2f}** (goal >= 0.95) | | **{cpu_ratio:.2f}** |
-
-Per epoch (images/s wall / images per CPU-second): Ray {_epochs(ray_rates)}; DataLoader {_epochs(torch_rates)}.
-
-**Projection** for 32 GPUs x {BATCH} images/step ({32 * BATCH} images/step): one CPU core delivers ~{per_core:.0f}
-images/s of this stream (Ray, per CPU-second, control plane included). A V100 trains on ~{V100_IMAGES_PER_S:.0f}
-images/s (the official run: 1.38 M images x 100 epochs in ~2 days on 32 V100, yolo-world.md §3 [derived])
--> **{V100_IMAGES_PER_S / per_core:.2f} CPU cores per GPU**, {32 * V100_IMAGES_PER_S / per_core:.0f} cores for the
-32-GPU cluster; at an assumed {H100_IMAGES_PER_S:.0f} images/s per H100 -> {H100_IMAGES_PER_S / per_core:.2f} cores per
-GPU. Keep headroom for larger JPEGs (decoding grows with pixels; these are ~640 x 480) and for the Train
-worker's own CPU work.
-
-Where Ray's CPU goes (warm epochs, CPU ms per image): {breakdown}; the DataLoader's processes spend
-{1000 / torch_cpu:.2f} ms per image in all. Ray's augmentation tasks run the same function as the DataLoader's
-workers; the difference is Ray's control plane: the SplitCoordinator actor that runs the streaming executor
-for `streaming_split` (a scheduling loop that wakes at least every 0.1 s and polls every 10 ms while the
-consumer is starved, which it always is in this benchmark), raylet + GCS, and the iterator in the driver.
-That is a roughly fixed ~0.1-0.2 core per node, whatever the number of augmentation workers: a visible share
-of this 2-core machine, noise on a GPU node with 16+ cores per GPU pair. The wall-clock ratio moves with the
-machine's other jobs from run to run; the per-CPU-second ratio is the stable one.
-
-What was slower and is fixed (each measured with this script): augmentation fused into the read task (Ray
-packs up to 128 MiB of row groups, ~1000 images, into one read task, so the fused pipeline ran on ONE core;
-now one augmentation task per window), Ray's default V2 Parquet reader (~10 s per epoch start reading
-footers on a new actor pool; now the V1 reader, metadata read once), the comparison itself (the
-DataLoader's workers shared one CPU-share group under the kernel's autogroup scheduling while each Ray
-worker had its own; now both have their own), mosaic partners decoded and resized once per window instead
-of once per use, `cv2.setNumThreads(1)` per task (no oversubscription), `cv2.flip` instead of a numpy copy,
-negative texts drawn by a random walk instead of a scan of the class pool.
-""")
-        print(f"wrote {DOCS}")
     return 0
 
 
 def _epochs(rates) -> str:
-    return ", ".join(f"{wall:.0f}/{cpu:.0f}" for wall, cpu in rates)
+    return ", ".join(f"{wall:.0f}/{cpu:.0f}" for wall, cpu, _ in rates)
 
 
 if __name__ == "__main__":
