@@ -2,7 +2,8 @@
 
 - DDP with bf16 autocast runs to the end (the uninterrupted reference run);
 - DeepSpeed ZeRO-2 with bf16 (DeepSpeed's torch_autocast: BatchNorm stays fp32) is killed after its
-  checkpoint at step 4, resubmitted, and ends with exactly the planned optimizer steps;
+  checkpoint at step 4, resubmitted, and ends with exactly the planned optimizer steps; submitted once more
+  when finished, it trains nothing and rewrites nothing;
 - the resumed run trains on the SAME samples per step as the uninterrupted one (accumulation 2, so the
   resume skips 2 micro-batches per optimizer step): each report's `sample_digest` (a CRC of the image ids
   rank 0 trained on since the previous report) equals the reference's at the same step;
@@ -109,9 +110,6 @@ def test_bf16_deepspeed_run_killed_and_resubmitted_trains_the_same_samples_as_an
     assert {r["step"]: r["sample_digest"] for r in again.history} == \
         {s: d for s, d in digests.items() if s > resumed}
 
-    # it learned: the resumed run's last reports against the reference's first (same samples, same start)
-    first, last = [r["loss"] for r in reference.history[:3]], [r["loss"] for r in again.history[-3:]]
-    assert sum(last) / len(last) < 0.85 * sum(first) / len(first), (first, last)
     last = run / f"checkpoint_step{PLANNED:08d}"
     shards = sorted(p.name for p in (last / "deepspeed" / "state").glob("zero_pp_rank_*_optim_states.pt"))
     assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt",  # one ZeRO-2 optimizer shard per rank
@@ -119,6 +117,11 @@ def test_bf16_deepspeed_run_killed_and_resubmitted_trains_the_same_samples_as_an
     assert deepspeed_optimizer_steps(last / "deepspeed" / "state") == {PLANNED}
     state = torch.load(last / "train_state.pt", weights_only=True)
     assert state["ema"]["updates"] == PLANNED
+
+    final_meta = (last / "meta.json").read_text()
+    done = fit(job)  # a finished run submitted again: nothing left to train, nothing rewritten
+    assert done.steps == PLANNED and done.history == []
+    assert (last / "meta.json").read_text() == final_meta
     # torch_autocast keeps the weights, and so BatchNorm's statistics, in fp32
     bn = [v for k, v in state["model"].items() if k.endswith(("running_mean", "running_var", "bn.weight"))]
     assert bn and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in bn)
