@@ -21,6 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from yworld.model.errors import DataError, WeightsError
+from yworld.model.weights import file_pair
 
 __all__ = ["Vocabulary", "pick_texts", "read_class_texts"]
 
@@ -113,9 +114,7 @@ class Vocabulary:
     # ---------------------------------------------------------------- files
     @staticmethod
     def _paths(path: str | Path) -> tuple[str, str]:
-        path = str(path)
-        stem = path[: -len(Path(path).suffix)] if Path(path).suffix in (".safetensors", ".json") else path
-        return stem + ".safetensors", stem + ".json"
+        return file_pair(path)  # stored like our weights: <stem>.safetensors + <stem>.json
 
     def save(self, path: str | Path) -> str:
         """Write `<stem>.safetensors` (embeddings) and `<stem>.json` (texts, encoder, dim); returns the

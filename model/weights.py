@@ -283,7 +283,9 @@ def _state_from_checkpoint(path: str | Path, ckpt: object) -> tuple[dict[str, to
 
 
 # ---------------------------------------------------------------- our format
-def _our_paths(path: str | Path) -> tuple[str, str]:
+def file_pair(path: str | Path) -> tuple[str, str]:
+    """`<stem>.safetensors` and `<stem>.json` of a path given by its stem or either file (our weights and
+    offline vocabularies are both stored this way)."""
     path = str(path)
     stem = path[: -len(Path(path).suffix)] if Path(path).suffix in (".safetensors", ".json") else path
     return stem + ".safetensors", stem + ".json"
@@ -292,7 +294,7 @@ def _our_paths(path: str | Path) -> tuple[str, str]:
 def save_weights(model: nn.Module, path: str | Path) -> str:
     """Write `<stem>.safetensors` (the state_dict) and `<stem>.json` (format, version, model config);
     returns the .safetensors path. Local paths or fsspec URLs."""
-    tensors_path, meta_path = _our_paths(path)
+    tensors_path, meta_path = file_pair(path)
     fs, fs_path = fsspec.core.url_to_fs(tensors_path)
     if posixpath.dirname(fs_path):
         fs.makedirs(posixpath.dirname(fs_path), exist_ok=True)
@@ -306,7 +308,7 @@ def save_weights(model: nn.Module, path: str | Path) -> str:
 
 
 def _read_ours(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors_path, meta_path = _our_paths(path)
+    tensors_path, meta_path = file_pair(path)
     try:
         with fsspec.open(meta_path, "rb") as f:
             meta = json.loads(f.read())
@@ -356,7 +358,7 @@ def _config_of(meta: dict, meta_path: str) -> ModelConfig:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Build the network described by `<stem>.json` and load `<stem>.safetensors` into it (eval mode)."""
     state, meta = _read_ours(path)
-    model = build_from_config(_config_of(meta, _our_paths(path)[1]))
+    model = build_from_config(_config_of(meta, file_pair(path)[1]))
     _load_checked(model, state, str(path), "yworld", [], strict=True)
     return model.to(device).eval()
 

@@ -153,10 +153,11 @@ def local_weights(weights: str, storage: StorageOptions | None, folder: str) -> 
         with open(local, "wb") as f:
             f.write(fs.cat_file(path))
         return local
-    stem = weights.rsplit(".", 1)[0] if weights.endswith((".safetensors", ".json")) else weights
-    for suffix in (".safetensors", ".json"):
-        fs, path = filesystem(stem + suffix, storage)
-        with open(os.path.join(folder, "model" + suffix), "wb") as f:
+    from yworld.model.weights import file_pair  # torch: only where weights are read
+
+    for remote, local in zip(file_pair(weights), file_pair(os.path.join(folder, "model"))):
+        fs, path = filesystem(remote, storage)
+        with open(local, "wb") as f:
             f.write(fs.cat_file(path))
     return os.path.join(folder, "model.safetensors")
 
@@ -235,36 +236,33 @@ def _text_embeddings(texts: list[str], text: TextSpec, cache_url: str, storage: 
     return vocab.embeddings.numpy().astype(np.float32)
 
 
-def _vocabulary_files(url: str) -> tuple[str, str]:
-    """The `.safetensors` + `.json` pair of an offline vocabulary given by its stem or either file."""
-    stem = url.rsplit(".", 1)[0] if url.endswith((".safetensors", ".json")) else url
-    return stem + ".safetensors", stem + ".json"
-
-
 def _load_vocabulary(url: str, storage: StorageOptions):
     """An offline vocabulary read through the job's storage (its endpoint and keys, not fsspec's defaults)."""
     import tempfile
 
     from yworld.model.vocabulary import Vocabulary
+    from yworld.model.weights import file_pair
 
     if url.endswith(".npy"):
         return Vocabulary.load(url)  # the official format names its text file: its own error says so
     fs, _ = filesystem(url, storage)
     with tempfile.TemporaryDirectory(prefix="yworld-vocab-") as tmp:
-        for remote in _vocabulary_files(url):
+        for remote in file_pair(url):
             _, path = filesystem(remote, storage)
             with open(os.path.join(tmp, os.path.basename(path)), "wb") as f:
                 f.write(fs.cat_file(path))
-        return Vocabulary.load(os.path.join(tmp, os.path.basename(_vocabulary_files(url)[0])))
+        return Vocabulary.load(os.path.join(tmp, os.path.basename(file_pair(url)[0])))
 
 
 def _save_vocabulary(vocab, url: str, storage: StorageOptions) -> None:
     import tempfile
 
+    from yworld.model.weights import file_pair
+
     fs, _ = filesystem(url, storage)
     with tempfile.TemporaryDirectory(prefix="yworld-vocab-") as tmp:
         local = vocab.save(os.path.join(tmp, "vocabulary"))
-        for remote, name in zip(_vocabulary_files(url), (local, local[: -len(".safetensors")] + ".json")):
+        for remote, name in zip(file_pair(url), file_pair(local)):
             _, path = filesystem(remote, storage)
             with open(name, "rb") as f:
                 write_bytes_atomic(fs, path, f.read())
