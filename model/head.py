@@ -39,7 +39,7 @@ class HeadOutputs:
 class ContrastiveHead(nn.Module):
     """v1: s = exp(logit_scale) * <L2(e), L2(w)> + bias; logit_scale init ln(1/0.07) (official `ContrastiveHead`)."""
 
-    def __init__(self, embed_dims: int):
+    def __init__(self):
         super().__init__()
         self.bias = nn.Parameter(torch.tensor(0.0))  # 0-d like the official head; reset by YOLOWorldHead
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -59,7 +59,7 @@ class BNContrastiveHead(ContrastiveHead):
     (official `BNContrastiveHead`). Text is still L2-normalised."""
 
     def __init__(self, embed_dims: int):
-        super().__init__(embed_dims)
+        super().__init__()
         self.norm = nn.BatchNorm2d(embed_dims, eps=BN_EPS, momentum=BN_MOMENTUM)
         with torch.no_grad():
             self.logit_scale.fill_(-1.0)
@@ -87,8 +87,8 @@ class YOLOWorldHead(nn.Module):
         self.cls_preds = nn.ModuleList(
             nn.Sequential(Conv(c, cls_mid, 3), Conv(cls_mid, cls_mid, 3), nn.Conv2d(cls_mid, embed_dims, 1))
             for c in in_channels)
-        contrast = BNContrastiveHead if use_bn_head else ContrastiveHead
-        self.cls_contrasts = nn.ModuleList(contrast(embed_dims) for _ in in_channels)
+        self.cls_contrasts = nn.ModuleList(BNContrastiveHead(embed_dims) if use_bn_head else ContrastiveHead()
+                                           for _ in in_channels)
         self.reset_biases()
 
     @torch.no_grad()

@@ -29,12 +29,12 @@ class Assignment:
     gt_index: Tensor
 
 
-def empty_assignment(batch: int, anchors: int, vocab: int, device: torch.device, dtype=torch.float32) -> Assignment:
+def empty_assignment(batch: int, anchors: int, vocab: int, device: torch.device) -> Assignment:
     """All-background targets (no ground truth in the batch)."""
     return Assignment(
         labels=torch.zeros(batch, anchors, dtype=torch.long, device=device),
-        boxes=torch.zeros(batch, anchors, 4, dtype=dtype, device=device),
-        scores=torch.zeros(batch, anchors, vocab, dtype=dtype, device=device),
+        boxes=torch.zeros(batch, anchors, 4, dtype=torch.float32, device=device),
+        scores=torch.zeros(batch, anchors, vocab, dtype=torch.float32, device=device),
         fg_mask=torch.zeros(batch, anchors, dtype=torch.bool, device=device),
         gt_index=torch.zeros(batch, anchors, dtype=torch.long, device=device),
     )
