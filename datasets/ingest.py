@@ -197,7 +197,7 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def _run_shards(jobs: list[tuple], cfg: IngestConfig, storage: StorageOptions, progress: bool) -> list[dict]:
+def _run_shards(jobs: list[tuple], cfg: IngestConfig, progress: bool) -> list[dict]:
     """Run `write_shard` for every job on Ray with a bounded number in flight; results in job order."""
     import ray
     from tqdm.auto import tqdm
@@ -284,7 +284,7 @@ def ingest(cfg: IngestConfig, storage: StorageOptions | None = None, progress: b
     _retract_outdated_manifest(cfg, storage, plan)
     started_ray = ensure_ray()
     try:
-        results = _run_shards(jobs, cfg, storage, progress)
+        results = _run_shards(jobs, cfg, progress)
     finally:
         if started_ray:
             import ray

@@ -151,8 +151,7 @@ class Obj:
     category: Category
     texture: str
     size: str
-    mask: np.ndarray  # bool [H, W], the full shape
-    visible: np.ndarray | None = None  # bool [H, W], after later objects are drawn on top
+    visible: np.ndarray  # bool [H, W]: the shape less what later objects are drawn on top of it
 
     def box_xywh(self) -> list[float]:
         ys, xs = np.nonzero(self.visible)
@@ -269,7 +268,7 @@ def render_image(rng: np.random.Generator, img: int, pool: list[Category], n_obj
         texture = str(rng.choice(TEXTURES, p=[0.6, 0.2, 0.2]))
         colour = np.array(COLOURS[cat.colour][0], np.float32) + rng.uniform(-18, 18, size=3)
         _paint(canvas, mask, texture, np.clip(colour, 0, 255), side, rng)
-        objs.append(Obj(cat, texture, size, mask, mask.copy()))
+        objs.append(Obj(cat, texture, size, visible=mask.copy()))
     buf = io.BytesIO()
     Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=92)
     return buf.getvalue(), objs

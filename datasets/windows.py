@@ -158,7 +158,7 @@ class Window:
     copy: int = 0
 
 
-def read_rows(fs: Any, path: str, start: int, rows: int, columns: Sequence[str] = READ_COLUMNS) -> pa.Table:
+def read_rows(fs: Any, path: str, start: int, rows: int) -> pa.Table:
     """Rows [start, start + rows) of a Parquet file: only the row groups that hold them are fetched."""
     with fs.open_input_file(path) as f:
         parquet = pq.ParquetFile(f, pre_buffer=True)
@@ -169,5 +169,5 @@ def read_rows(fs: Any, path: str, start: int, rows: int, columns: Sequence[str] 
                 groups.append(g)
                 first = offset if first is None else first
             offset += n
-        table = parquet.read_row_groups(groups, columns=list(columns))
+        table = parquet.read_row_groups(groups, columns=READ_COLUMNS)
     return table.slice(start - (first or 0), rows)
