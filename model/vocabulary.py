@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from yworld.datasets.storage import StorageOptions, filesystem, storage_errors
 from yworld.model.errors import DataError, WeightsError
 from yworld.model.weights import file_pair
 
@@ -59,10 +60,12 @@ def pick_texts(class_texts: Sequence[Sequence[str] | str], train: bool,
     return [str(t) for t in picked]
 
 
-def read_class_texts(path: str | Path) -> list[list[str]]:
+def read_class_texts(path: str | Path, storage: StorageOptions | None = None) -> list[list[str]]:
     """Class texts from the official JSON (`[["aerosol can", "spray can"], ...]` or `["a", "b"]`) or a .txt
-    file with one class per line (synonyms separated by '/', like ultralytics' names)."""
-    with fsspec.open(str(path), "r", encoding="utf-8") as f:
+    file with one class per line (synonyms separated by '/', like ultralytics' names). `storage`: the job's
+    `storage:` section, for an s3:// path."""
+    fs, fs_path = filesystem(str(path), storage)
+    with storage_errors(str(path), storage), fs.open(fs_path, "r", encoding="utf-8") as f:
         raw = f.read()
     if str(path).endswith(".json"):
         try:

@@ -205,7 +205,7 @@ def class_texts(gt: dict, class_texts_url: str, storage: StorageOptions) -> tupl
     if class_texts_url:
         from yworld.model.vocabulary import pick_texts, read_class_texts
 
-        texts = read_class_texts(class_texts_url)
+        texts = read_class_texts(class_texts_url, storage)
         if len(texts) != len(cats):
             raise DataError(f"{class_texts_url}: {len(texts)} class texts for {len(cats)} categories; the list "
                             "must follow the ground truth's categories in id order")

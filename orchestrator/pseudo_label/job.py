@@ -388,7 +388,7 @@ def label(spec: PseudoLabelSpec, storage: StorageOptions | None = None, *, weigh
         if spec.phrases.mode == "vocabulary":
             from yworld.model.vocabulary import read_class_texts
 
-            class_texts = read_class_texts(spec.phrases.class_texts)
+            class_texts = read_class_texts(spec.phrases.class_texts, storage)
         pairs = read_pairs(spec.input, storage, rejects)
         chunks = [pairs[i: i + spec.shard_size] for i in range(0, len(pairs), spec.shard_size)]
         sizes, keys = [len(c) for c in chunks], [_shard_key(plan, c) for c in chunks]

@@ -13,6 +13,7 @@ from yworld.datasets.records import SCHEMA, iter_records
 from yworld.datasets.storage import StorageOptions, filesystem, probe, pyarrow_filesystem, read_bytes
 from yworld.datasets.synthetic import generate
 from yworld.model.errors import StorageError
+from yworld.model.vocabulary import read_class_texts
 
 pytestmark = pytest.mark.s3
 
@@ -83,6 +84,17 @@ def test_wrong_credentials_are_one_clear_line(s3_server):
     with pytest.raises(StorageError, match="access denied"):
         probe(f"s3://{bucket}/x", unknown)
     probe(f"s3://{bucket}/x", s3_server.storage())  # and the right ones pass
+
+
+def test_class_texts_are_read_with_the_jobs_storage_section(s3_server):
+    # The eval and pseudo-label jobs pass their `storage:` section: endpoint and keys need not be in the environment.
+    bucket = s3_server.make_bucket()
+    url = f"s3://{bucket}/class_texts.json"
+    fs, path = filesystem(url, s3_server.storage())
+    fs.pipe_file(path, json.dumps([["bread", "bun"], "cat"]).encode())
+    assert read_class_texts(url, s3_server.storage()) == [["bread", "bun"], ["cat"]]
+    with pytest.raises(StorageError, match="access denied"):
+        read_class_texts(url, s3_server.storage(secret="not-the-secret"))
 
 
 def test_environment_fallback(s3_server, monkeypatch):
