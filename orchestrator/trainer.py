@@ -57,7 +57,6 @@ class StepPlan:
 
     steps_per_epoch: int
     total_steps: int
-    samples_per_epoch: int
 
 
 def plan_steps(job: TrainJob, samples_per_epoch: int) -> StepPlan:
@@ -69,7 +68,7 @@ def plan_steps(job: TrainJob, samples_per_epoch: int) -> StepPlan:
     total = job.train.epochs * steps_per_epoch
     if job.train.max_steps:
         total = min(total, job.train.max_steps)
-    return StepPlan(steps_per_epoch=steps_per_epoch, total_steps=total, samples_per_epoch=samples_per_epoch)
+    return StepPlan(steps_per_epoch=steps_per_epoch, total_steps=total)
 
 
 def build_trainer(job: TrainJob, datasets: dict, plan: StepPlan, callbacks: list | None = None):

@@ -37,6 +37,6 @@ def test_checkpoint_folder_names_carry_the_step():
 def test_step_plan_is_a_typed_value_the_workers_receive():
     job = load_spec("smoke", ["train.epochs=3", "train.global_batch=8", "train.max_steps=0"])
     plan = plan_steps(job, samples_per_epoch=100)
-    assert plan == StepPlan(steps_per_epoch=12, total_steps=36, samples_per_epoch=100)
+    assert plan == StepPlan(steps_per_epoch=12, total_steps=36)
     assert pickle.loads(pickle.dumps(plan)) == plan  # crosses Ray as it is
     assert plan_steps(load_spec("smoke", ["train.max_steps=5", "train.global_batch=8"]), 100).total_steps == 5
