@@ -78,8 +78,8 @@ def pin_ray_address() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
-def quiet_ray_loggers(level: int = logging.WARNING) -> None:
-    """Ray's console handlers in this process print `level` and above, without CHATTER; its file handlers
+def quiet_ray_loggers() -> None:
+    """Ray's console handlers in this process print warnings and above, without CHATTER; its file handlers
     (ray-data.log, ...) keep everything. Call after `import ray`, before `ray.init` (which logs "Started a
     local Ray instance")."""
     import ray.data  # noqa: F401 - Ray Data sets up its loggers (console + ray-data.log) when imported
@@ -87,7 +87,7 @@ def quiet_ray_loggers(level: int = logging.WARNING) -> None:
     for name in ("ray", "ray.data", "ray.train"):
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.setLevel(max(handler.level, level))
+                handler.setLevel(max(handler.level, logging.WARNING))
                 if not any(isinstance(f, _ChatterFilter) for f in handler.filters):
                     handler.addFilter(_ChatterFilter())
 

@@ -123,7 +123,7 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def apply_overrides(data: dict, overrides: Sequence[str], where: str = "--set") -> tuple[dict, set[str]]:
+def apply_overrides(data: dict, overrides: Sequence[str]) -> tuple[dict, set[str]]:
     """Apply `a.b.c=value` overrides to the raw YAML dict (values parsed as YAML: `3`, `true`, `[1, 2]`,
     `null`). Returns the new dict and the set of overridden paths (for string coercion)."""
     data = _deepcopy(data)
@@ -131,10 +131,10 @@ def apply_overrides(data: dict, overrides: Sequence[str], where: str = "--set") 
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"{where} {item!r}: expected FIELD.PATH=VALUE, e.g. train.epochs=3")
+            raise ConfigError(f"--set {item!r}: expected FIELD.PATH=VALUE, e.g. train.epochs=3")
         parts = key.strip().split(".")
         if parts[-1] in _CREDENTIAL_FIELDS and text.strip():
-            raise ConfigError(f"{where} {key.strip()}=...: credentials are never taken from the command line (it "
+            raise ConfigError(f"--set {key.strip()}=...: credentials are never taken from the command line (it "
                               f"shows in `ps`, in shell history and in a submitted job's entrypoint and logs): set "
                               f"them in the environment (AWS_SECRET_ACCESS_KEY, ...) or in the job spec file")
         node = data
@@ -143,7 +143,7 @@ def apply_overrides(data: dict, overrides: Sequence[str], where: str = "--set") 
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"{where} {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a section")
             node = child
         try:
             value = _yaml(text) if text.strip() else ""
@@ -166,9 +166,9 @@ def load_spec(source: str | Path, overrides: Sequence[str] = ()) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ validator
-def build(cls: type, data: Any, where: str = "spec", path: str = "", cli_paths: set[str] | None = None) -> Any:
+def build(cls: type, data: Any, where: str = "spec", cli_paths: set[str] | None = None) -> Any:
     """Build dataclass `cls` from plain data, checking every field against its type hint."""
-    return _convert(cls, data, _Ctx(where, cli_paths or set()), path)
+    return _convert(cls, data, _Ctx(where, cli_paths or set()), "")
 
 
 def check_folder_name(name: str, field: str) -> None:

@@ -346,11 +346,11 @@ def _write_outputs(output: str, table, rows: list[dict], storage: StorageOptions
     write_bytes_atomic(fs, f"{root}/metrics.json", json.dumps(rows, indent=1).encode())
 
 
-def evaluate_run_model(spec: TrainEvalSpec, run_url: str, text_encoder: str, storage: StorageOptions,
-                       model_dir: str = "final") -> EvalOutcome:
-    """Evaluate `{run_url}/{model_dir}/` (model.safetensors + model.json [+ meta.json]) into
-    `{run_url}/eval/{spec.name}/{model_dir}/`, record it in the run's table and report. Needs Ray."""
+def evaluate_run_model(spec: TrainEvalSpec, run_url: str, text_encoder: str, storage: StorageOptions) -> EvalOutcome:
+    """Evaluate the run's final model `{run_url}/final/` (model.safetensors + model.json [+ meta.json]) into
+    `{run_url}/eval/{spec.name}/final/`, record it in the run's table and report. Needs Ray."""
     storage = storage.resolved()
+    model_dir = "final"  # the row's name in the run's table, next to the watcher's checkpoint rows
     model_url, eval_url = join(run_url, model_dir), join(run_url, "eval", spec.name)
     fs, meta_path = filesystem(join(model_url, "meta.json"), storage)
     meta = json.loads(fs.cat_file(meta_path)) if fs.exists(meta_path) else {}

@@ -95,7 +95,7 @@ Evaluate = Callable[[WatchJob, CheckpointInfo, str], list[dict]]
 
 
 def watch(job: WatchJob, evaluate: Evaluate = evaluate_checkpoint, once: bool | None = None,
-          max_polls: int | None = None, stop: threading.Event | None = None) -> list[str]:
+          stop: threading.Event | None = None) -> list[str]:
     """Evaluate new checkpoints until `stop` is set (or one pass with `once`); returns the checkpoints this
     watcher evaluated. `evaluate(job, checkpoint, output_url) -> metric rows` is injectable for tests."""
     stop = stop or threading.Event()
@@ -103,9 +103,7 @@ def watch(job: WatchJob, evaluate: Evaluate = evaluate_checkpoint, once: bool | 
     storage = job.storage.resolved()
     title = f"Evaluation `{job.name}` of run `{job.run}`"
     evaluated: list[str] = []
-    polls = 0
     while True:
-        polls += 1
         checkpoints = list_checkpoints(job.run_url, storage, job.include_final)
         for ckpt in checkpoints:
             task = join(job.eval_url, ckpt.name)
@@ -127,7 +125,7 @@ def watch(job: WatchJob, evaluate: Evaluate = evaluate_checkpoint, once: bool | 
             evaluated.append(ckpt.name)
             report.regenerate(job.eval_url, storage, title)
         _heal_table(job, storage, title)
-        if once or (max_polls is not None and polls >= max_polls) or stop.wait(job.poll_interval_s):
+        if once or stop.wait(job.poll_interval_s):
             return evaluated
 
 
