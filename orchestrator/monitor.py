@@ -7,7 +7,7 @@ on a `ray.util.queue.Queue`. The driver drains the queue in a thread (`DriverMon
 bar (on a terminal; in a log, such as a Jobs API job's, a line per ~10% of the run instead), prints a line per
 checkpoint, and writes every numeric metric as a TensorBoard scalar and a JSON line. Event files go straight into
 `{storage_path}/{run}/tensorboard/` for local storage; for object storage they are written to a local folder
-and uploaded there every `sync_every_s` seconds and at the end (TensorBoard itself only writes local files).
+and uploaded there every SYNC_EVERY_S seconds and at the end (TensorBoard itself only writes local files).
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ __all__ = ["ForwardMetrics", "DriverMonitor"]
 
 log = logging.getLogger(__name__)
 
+SYNC_EVERY_S = 60.0  # TensorBoard upload period for a run on object storage
+
 
 class ForwardMetrics(UserCallback):
     """Runs on the Ray Train controller: forwards rank 0's reported metrics to the driver's queue."""
@@ -54,15 +56,13 @@ class ForwardMetrics(UserCallback):
 class DriverMonitor:
     """`with DriverMonitor(run_url, storage, total_steps) as m: trainer = ...(callbacks=[m.callback])`."""
 
-    def __init__(self, run_url: str, storage: storage_lib.StorageOptions, total_steps: int, start_step: int = 0,
-                 progress: bool = True, tensorboard: bool = True, sync_every_s: float = 60.0):
+    def __init__(self, run_url: str, storage: storage_lib.StorageOptions, total_steps: int,
+                 progress: bool = True, tensorboard: bool = True):
         self.run_url = run_url
         self.storage = storage
         self.total_steps = total_steps
-        self.start_step = start_step
         self.progress = progress
         self.tensorboard = tensorboard
-        self.sync_every_s = sync_every_s
         # On the driver's node, like Ray Train's controller: a preempted worker node never takes the queue along.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
@@ -91,10 +91,9 @@ class DriverMonitor:
         if self.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", desc="train",
-                             dynamic_ncols=True)
+            self._bar = tqdm(total=self.total_steps, unit="step", desc="train", dynamic_ncols=True)
         elif self.progress:  # a log (a Jobs API job, a redirect): a bar's every redraw would be a line there
-            self._next_line = self.start_step
+            self._next_line = 0
         self._thread = threading.Thread(target=self._drain, name="yworld-metrics", daemon=True)
         self._thread.start()
         return self
@@ -121,7 +120,7 @@ class DriverMonitor:
     def _drain(self) -> None:
         while not self._stop.is_set():
             self._drain_once(block=True)
-            if self._remote and time.monotonic() - self._last_sync > self.sync_every_s:
+            if self._remote and time.monotonic() - self._last_sync > SYNC_EVERY_S:
                 self._sync()
 
     def _drain_once(self, block: bool) -> None:
