@@ -6,17 +6,18 @@ the problem, e.g. an LVIS category without `frequency`.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
-from yworld.datasets.storage import filesystem, probe, storage_errors
-from yworld.model.errors import DataError
+from yworld.datasets.storage import filesystem, probe, storage_error, storage_errors
+from yworld.model.errors import DataError, YWorldError
 
 # LVIS frequency groups, in lvis-api's order (Params.img_count_lbl, docs/reference.md §5.1)
 FREQUENCIES = ("r", "c", "f")
@@ -82,21 +83,36 @@ def load_ground_truth(source: str | Path | dict, kind: str, name: str | None = N
 
 
 def read_json(path: str | Path, label: str) -> Any:
-    """Read a local path or URL (fsspec) as JSON; one DataError/StorageError line on failure.
+    """Read a local path or URL (fsspec) as JSON; one DataError/StorageError line on failure."""
+    with open_binary(path, label) as f:
+        data = f.read()
+    return parse_json(data, label)
 
-    Results files hold millions of small objects: parsing runs with the garbage collector paused (it
-    would rescan the growing heap again and again, ~1.5x the parse time) and with orjson when installed."""
-    data = _read_bytes(str(path), label)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
+
+def parse_json(data: bytes, label: str) -> Any:
+    """Parse a whole JSON document; one DataError line on failure.
+
+    Parsing runs with the garbage collector paused (gc_paused) and with orjson when installed."""
     try:
-        return _loads(data)
+        with gc_paused():
+            return _loads(data)
     except ValueError as e:  # json.JSONDecodeError and orjson.JSONDecodeError both derive from it
         raise DataError(f"{label}: not valid JSON ({e})") from None
     except RecursionError:  # [[[[...]]]]: no annotation or results file nests more than a few levels
         raise DataError(f"{label}: JSON nested too deeply to be an annotation or results file") from None
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the garbage collector while JSON is parsed: annotation and results files hold millions of small
+    objects, none of them in a reference cycle, and the collector would rescan the growing heap again and
+    again (~1.5x the parse time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
     finally:
-        if gc_was_enabled:
+        if was_enabled:
             gc.enable()
 
 
@@ -111,7 +127,13 @@ def _loads(data: bytes) -> Any:
         return json.loads(data)  # orjson rejects NaN/Infinity literals; json accepts them (validated later)
 
 
-def _read_bytes(path: str, label: str) -> bytes:
+@contextlib.contextmanager
+def open_binary(path: str | Path, label: str) -> Iterator[BinaryIO]:
+    """A local path or URL (fsspec) opened for binary reading, for readers that stream a large file.
+
+    A missing file is one DataError line; storage failures, when opening or while reading inside the block,
+    are one StorageError line (the same as ingest); our own errors raised in the block pass unchanged."""
+    path = str(path)
     if "://" in path and not path.startswith("file://"):
         # the same one-line storage errors as ingest: probe (endpoint, bucket, credentials) within ~10 s
         probe(path)
@@ -119,12 +141,23 @@ def _read_bytes(path: str, label: str) -> bytes:
         with storage_errors(path):
             if not fs.exists(p):
                 raise DataError(f"{label}: file not found")
-            with fs.open(p, "rb") as f:
-                return f.read()
+            f = fs.open(p, "rb")
+        with f:
+            try:
+                yield f
+            except YWorldError:
+                raise  # e.g. a bad record: its text must not be read as a storage failure
+            except Exception as e:
+                err = storage_error(e, path)
+                if err is None:
+                    raise
+                raise err from e
+        return
     local = Path(path.removeprefix("file://"))
     if not local.is_file():
         raise DataError(f"{label}: file not found")
-    return local.read_bytes()
+    with local.open("rb") as f:
+        yield f
 
 
 def _int_id(value: Any, label: str, where: str, field: str = "id") -> int:
