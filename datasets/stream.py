@@ -185,7 +185,12 @@ def build_train_datasets(cfg: StreamConfig, storage: StorageOptions | None = Non
     storage = storage.resolved() if storage is not None else None  # workers get the driver's endpoint/keys
     plans = plan_sources(cfg, storage)
     stream_id = uuid.uuid4().hex
-    DataContext.get_current().set_config(STREAM_ID_CONFIG, stream_id)
+    ctx = DataContext.get_current()  # captured by the datasets built here, and sent with them to Ray Train
+    ctx.set_config(STREAM_ID_CONFIG, stream_id)
+    # One progress bar (the training loop's, in steps) instead of Ray Data's per-operator bars every epoch,
+    # which also cost the split coordinator CPU on every block (bench/data_throughput.py runs this function too)
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
     close_from = max(0, epochs - cfg.close_mosaic_epochs)
     out = {}
     for key, use_mosaic in ((MOSAIC_KEY, True), (CLOSE_MOSAIC_KEY, False)):

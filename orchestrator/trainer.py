@@ -134,7 +134,6 @@ def fit(job: TrainJob) -> TrainOutcome:
                             checkpoint=storage_lib.join(url, checkpoint_dir_name(done)))
     log.info("run %s: %d steps (%d per epoch x %d epochs, global batch %d)", url, plan.total_steps,
              plan.steps_per_epoch, job.train.epochs, job.train.global_batch)
-    _quiet_ray_data()  # one progress bar (ours, in steps) instead of Ray Data's per-operator bars every epoch
     datasets = build_train_datasets(job.data, storage, job.train.epochs)
     with DriverMonitor(url, storage, plan.total_steps, progress=job.metrics.progress,
                        tensorboard=job.metrics.tensorboard) as monitor:
@@ -159,12 +158,3 @@ def _finished_step(url: str, storage) -> int:
         return int(json.loads(fs.cat_file(path)).get("step", 0))
     except FileNotFoundError:
         return 0
-
-
-def _quiet_ray_data() -> None:
-    from ray.data import DataContext  # see build_trainer
-
-    ctx = DataContext.get_current()  # captured by the datasets built after this, and sent with them
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-
