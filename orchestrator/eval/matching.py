@@ -33,6 +33,12 @@ IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, 
 RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
 AREA_RANGES = np.array([[0 ** 2, 1e5 ** 2], [0 ** 2, 32 ** 2], [32 ** 2, 96 ** 2], [96 ** 2, 1e5 ** 2]])
 AREA_LABELS = ("all", "small", "medium", "large")
+# Work in blocks so memory stays near the [A, T, N] match flags as the results grow (results only change
+# if the arithmetic did, and it does not): IoU for this many (detection, GT slot) pairs at once (~100 bytes
+# each in _iou's temporaries), and accumulation for this many detections at once (~14 bytes per area range,
+# IoU threshold and detection).
+IOU_BLOCK_PAIRS = 1 << 20
+ACCUMULATE_BLOCK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,11 @@ def _match_bucket(inp: MatchInput, det: np.ndarray, local: np.ndarray, g_order: 
     slot = np.arange(width)
     valid = slot[None, :] < g_count[:, None]                       # [C, W]
     gidx = g_order[np.where(valid, g_start[:, None] + slot[None, :], 0)]  # [C, W] GT row per slot
-    ious = _iou(inp.dt_boxes[det], inp.gt_boxes[gidx[local]], inp.gt_crowd[gidx[local]])
+    ious = np.empty((len(det), width))
+    step = max(1, IOU_BLOCK_PAIRS // width)
+    for lo in range(0, len(det), step):
+        d, g = det[lo:lo + step], gidx[local[lo:lo + step]]
+        ious[lo:lo + step] = _iou(inp.dt_boxes[d], inp.gt_boxes[g], inp.gt_crowd[g])
     ious[~valid[local]] = -1.0
     candidate = ious.max(axis=1) >= thr.min()  # below every threshold: never matches, changes nothing
     det, local, ious = det[candidate], local[candidate], ious[candidate]
@@ -194,45 +204,52 @@ def accumulate(cat: np.ndarray, score: np.ndarray, image: np.ndarray, order: np.
     cat_sorted = cat[srt]
     starts = np.searchsorted(cat_sorted, np.arange(k), side="left")
     ends = np.searchsorted(cat_sorted, np.arange(k), side="right")
-    hit = matched[:, :, srt].reshape(rows, -1)
-    counted = ~ignored[:, :, srt].reshape(rows, -1)
-    tp_flag = hit & counted
-    tp_cum = np.cumsum(tp_flag, axis=1, dtype=np.int32)
-    fp_cum = np.cumsum(~hit & counted, axis=1, dtype=np.int32)
     gt_rows = np.repeat(num_gt, t_n, axis=1)                # [K, rows] GT count of each row's area
     needed = _true_positives_needed(num_gt, rec_thresholds)  # [K, A, R]
     row_index = np.arange(rows)[:, None]
-    for kk in np.nonzero((num_gt > 0).any(axis=1))[0]:
-        live = gt_rows[kk] > 0                               # rows (areas) with GT to measure
-        live_at = live.reshape(a_n, t_n)
-        s, e = starts[kk], ends[kk]
-        if s == e:  # GT but no detections
-            precision[live_at, kk] = 0.0
-            recall[live_at, kk] = 0.0
-            continue
-        tp = tp_cum[:, s:e]
-        fp = fp_cum[:, s:e]
-        if s:
-            tp = tp - tp_cum[:, s - 1:s]
-            fp = fp - fp_cum[:, s - 1:s]
-        tpf = tp.astype(np.float64)
-        pr = tpf / (fp.astype(np.float64) + tpf + np.spacing(1))
-        pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # the APIs' right-to-left max loop
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rc_last = tpf[:, -1] / gt_rows[kk]
-        # Position of the v-th true positive in each row: nonzero() lists them row by row.
-        count = tp[:, -1].astype(np.int64)
-        _, pos = np.nonzero(tp_flag[:, s:e])
-        offset = np.concatenate([[0], np.cumsum(count)[:-1]])
-        v = np.repeat(needed[kk], t_n, axis=0)                # [rows, R]
-        if len(pos):
-            at = pos[np.clip(offset[:, None] + v - 1, 0, len(pos) - 1)]
-        else:
-            at = np.zeros_like(v)
-        at = np.where(v == 0, 0, at)
-        q = np.where(v <= count[:, None], pr[row_index, at], 0.0)  # unreached recall: the APIs leave 0
-        precision[live_at, kk] = q.reshape(a_n, t_n, r_n)[live_at]
-        recall[live_at, kk] = rc_last.reshape(a_n, t_n)[live_at]
+    measured = (num_gt > 0).any(axis=1)
+    lo = 0
+    while lo < k:  # categories in blocks of ~ACCUMULATE_BLOCK detections (a larger category alone)
+        hi = max(lo + 1, int(np.searchsorted(ends, starts[lo] + ACCUMULATE_BLOCK, side="right")))
+        base = starts[lo]
+        block = srt[base:ends[hi - 1]]
+        hit = matched[:, :, block].reshape(rows, -1)
+        counted = ~ignored[:, :, block].reshape(rows, -1)
+        tp_flag = hit & counted
+        tp_cum = np.cumsum(tp_flag, axis=1, dtype=np.int32)
+        fp_cum = np.cumsum(~hit & counted, axis=1, dtype=np.int32)
+        for kk in lo + np.nonzero(measured[lo:hi])[0]:
+            live = gt_rows[kk] > 0                               # rows (areas) with GT to measure
+            live_at = live.reshape(a_n, t_n)
+            s, e = starts[kk] - base, ends[kk] - base
+            if s == e:  # GT but no detections
+                precision[live_at, kk] = 0.0
+                recall[live_at, kk] = 0.0
+                continue
+            tp = tp_cum[:, s:e]
+            fp = fp_cum[:, s:e]
+            if s:
+                tp = tp - tp_cum[:, s - 1:s]
+                fp = fp - fp_cum[:, s - 1:s]
+            tpf = tp.astype(np.float64)
+            pr = tpf / (fp.astype(np.float64) + tpf + np.spacing(1))
+            pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # the APIs' right-to-left max loop
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rc_last = tpf[:, -1] / gt_rows[kk]
+            # Position of the v-th true positive in each row: nonzero() lists them row by row.
+            count = tp[:, -1].astype(np.int64)
+            _, pos = np.nonzero(tp_flag[:, s:e])
+            offset = np.concatenate([[0], np.cumsum(count)[:-1]])
+            v = np.repeat(needed[kk], t_n, axis=0)                # [rows, R]
+            if len(pos):
+                at = pos[np.clip(offset[:, None] + v - 1, 0, len(pos) - 1)]
+            else:
+                at = np.zeros_like(v)
+            at = np.where(v == 0, 0, at)
+            q = np.where(v <= count[:, None], pr[row_index, at], 0.0)  # unreached recall: the APIs leave 0
+            precision[live_at, kk] = q.reshape(a_n, t_n, r_n)[live_at]
+            recall[live_at, kk] = rc_last.reshape(a_n, t_n)[live_at]
+        lo = hi
     return (np.ascontiguousarray(precision.transpose(1, 3, 2, 0)),
             np.ascontiguousarray(recall.transpose(1, 2, 0)))
 
