@@ -90,7 +90,10 @@ def match(inp: MatchInput, iou_thresholds: np.ndarray = IOU_THRESHOLDS) -> tuple
     if n and len(inp.gt_cell):
         _match_cells(inp, gt_ignore, iou_thresholds, matched, on_ignored_gt)
     unmatched_ignore = area_out_of_range(inp.dt_area) | inp.dt_unmatched_ignore[None, :]  # [A, N]
-    ignored = on_ignored_gt | (~matched & unmatched_ignore[:, None, :])
+    # ignored = on_ignored_gt | (~matched & unmatched_ignore), in place: for bools `u > m` is `u & ~m`, so one
+    # [A, T, N] temporary instead of three (each is 40 bytes per detection)
+    ignored = on_ignored_gt
+    ignored |= unmatched_ignore[:, None, :] > matched
     return matched, ignored
 
 
