@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import support
 
 # Set before anything imports ray / tokenizers.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -94,19 +95,6 @@ class S3Server:
         return name
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     import json
@@ -126,7 +114,7 @@ def s3_server(tmp_path_factory):
     (root / "s3.json").write_text(json.dumps({"identities": [{
         "name": "yworld", "credentials": [{"accessKey": key, "secretKey": secret}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = support.free_ports(8)
     cmd = [weed, "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root / 'data'}",
            f"-master.port={master}", f"-master.port.grpc={master_grpc}", f"-volume.port={volume}",
            f"-volume.port.grpc={volume_grpc}", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",

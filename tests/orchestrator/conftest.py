@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import support
 
 
 @pytest.fixture(scope="session")
@@ -19,17 +20,9 @@ def train_shards(tmp_path_factory, ray_session):
 
 
 def tiny_job_overrides(storage_path, shards: str, name: str = "tiny", **extra) -> list[str]:
-    """`--set` overrides turning the packaged smoke job into a test-sized one."""
-    base = {
-        "name": name, "storage_path": str(storage_path), "prepare.synthetic": "null",
-        "data.sources": f"[{{name: det, path: '{shards}'}}]", "data.img_size": 128, "data.window": 16,
-        "data.shuffle_buffer": 8, "data.close_mosaic_epochs": 0,
-        "train.epochs": 1, "train.global_batch": 4, "train.batch_per_worker": 2, "optim.warmup_min_steps": 4,
-        "optim.warmup_epochs": 0.25, "checkpoint.every_epochs": 0, "checkpoint.every_steps": 4,
-        "metrics.every_steps": 2, "metrics.progress": "false", "metrics.tensorboard": "true",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    """The shared test-sized smoke job (tests/support.py), without the progress bar, with TensorBoard."""
+    return support.tiny_job_overrides(storage_path, shards, name, **{"metrics.progress": "false",
+                                                                      "metrics.tensorboard": "true", **extra})
 
 
 @pytest.fixture

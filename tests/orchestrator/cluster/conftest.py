@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,19 +21,9 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from support import free_ports, tiny_job_overrides
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -200,19 +189,11 @@ def job_overrides(storage_path: str | Path, world: dict, name: str, **extra) -> 
     """`--set` overrides making the packaged smoke job test-sized: no prepare (the world is ingested), 16
     steps of batch 4 on 2 workers, a checkpoint every 4 steps, a small final evaluation, no pseudo-labelling."""
     lvis = world["lvis"]
-    base = {
-        "name": name, "storage_path": str(storage_path), "prepare.synthetic": "null",
-        "data.sources": f"[{{name: det, path: '{world['shards']}'}}]", "data.img_size": 128, "data.window": 16,
-        "data.shuffle_buffer": 8, "data.close_mosaic_epochs": 0,
-        "train.epochs": 1, "train.global_batch": 4, "train.batch_per_worker": 2, "optim.warmup_min_steps": 4,
-        "optim.warmup_epochs": 0.25, "checkpoint.every_epochs": 0, "checkpoint.every_steps": 4,
-        "checkpoint.num_to_keep": 10, "metrics.every_steps": 2,
+    return tiny_job_overrides(storage_path, world["shards"], name, **{
+        "checkpoint.num_to_keep": 10,
         "eval.dataset.annotations": str(lvis / "annotations.json"), "eval.dataset.images": str(lvis / "images"),
         "eval.dataset.class_texts": str(lvis / "class_texts.json"), "eval.inference.img_size": 128,
-        "pseudo_label": "null",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+        "pseudo_label": "null", **extra})
 
 
 @pytest.fixture(scope="session")
