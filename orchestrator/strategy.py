@@ -10,7 +10,7 @@ The per-worker step (train_step.py) calls the same six things whatever the YAML'
     schedule.set_step(step); norm = strategy.step()   # clip, step, zero grads; norm stays on the device
     strategy.save(dir) / strategy.load(dir)    # every rank calls both
 
-Precision: `fp32`; `fp16` (autocast + dynamic loss scaling, what the official recipe trains with, `--amp`
+Precision: `fp32`; `fp16` (DDP only: autocast + dynamic loss scaling, what the official recipe trains with, `--amp`
 in the official README's training command); `bf16` (autocast bf16). Both kinds use torch's autocast with
 fp32 weights, so BatchNorm keeps fp32 weights and running statistics: DeepSpeed through its
 `torch_autocast` config section. DeepSpeed's own `bf16` / `fp16` modes cast the parameters to 16 bits but
@@ -75,6 +75,16 @@ class StrategyConfig:
     def __post_init__(self):
         if self.bucket_mb < 1:
             raise ConfigError(f"bucket_mb: {self.bucket_mb} must be >= 1 (MB of gradients per DDP all-reduce)")
+        if self.kind == "deepspeed" and self.precision == "fp16":
+            # Measured (2026-11-29, DeepSpeed 0.19.8, ZeRO-1, 2 CPU workers, 48 steps of the test-sized smoke
+            # job): with torch_autocast fp16 the ZeRO optimizer saw an overflow at every step at a static loss
+            # scale of 1 and skipped them all (no AdamW step in its state); DDP fp16 with torch's GradScaler
+            # applied 40 of the same 48 steps (scale 65536 -> 256). The probable cause: DeepSpeed reduces conv/linear
+            # gradients in the autocast dtype, and ours are sums scaled by the global batch. Refused rather than a
+            # run that never learns.
+            raise ConfigError("precision: fp16 with kind: deepspeed does not train (DeepSpeed's torch_autocast "
+                              "fp16 with ZeRO skips every step as an overflow); use precision: bf16 (Ampere or "
+                              "newer), or kind: ddp with fp16 (dynamic loss scaling, e.g. on V100)")
 
 
 @dataclass(frozen=True)

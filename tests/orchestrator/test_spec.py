@@ -159,6 +159,15 @@ def test_pretrain_specs_state_the_paper_recipe(name):
         assert (job.strategy.kind, job.strategy.precision) == ("ddp", "fp16")
 
 
+def test_deepspeed_fp16_is_refused_at_load_and_ddp_fp16_is_not():
+    """DeepSpeed 0.19's torch_autocast fp16 with ZeRO skipped every step of a 48-step CPU run (orchestrator/
+    strategy.py): one line at spec load, naming the two ways that do train."""
+    with pytest.raises(ConfigError, match=r"pretrain_l_deepspeed.yaml: strategy: precision: fp16 with kind: deepspeed "
+                                          r"does not train .*use precision: bf16 .*or kind: ddp with fp16"):
+        spec_lib.load_spec("pretrain_l_deepspeed", ["strategy.precision=fp16"])
+    assert spec_lib.load_spec("pretrain_l", ["strategy.precision=fp16"]).strategy.precision == "fp16"
+
+
 def test_finetune_coco_is_the_official_sgd_box_recipe():
     """configs/finetune_coco/yolo_world_v2_l_vlpan_bn_sgd_1e-3_40e_8gpus_finetune_coco.py: SGD 1e-3, momentum
     0.937, Nesterov, wd 5e-4 x 128 / 64, norms and biases decayed, 40 epochs, close mosaic 30, MixUp 0.15."""
