@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
-from yworld.datasets.storage import filesystem, probe, storage_error, storage_errors
+from yworld.datasets.storage import StorageOptions, filesystem, probe, storage_error, storage_errors
 from yworld.model.errors import DataError, YWorldError
 
 # LVIS frequency groups, in lvis-api's order (Params.img_count_lbl, docs/reference.md §5.1)
@@ -82,9 +82,10 @@ def load_ground_truth(source: str | Path | dict, kind: str, name: str | None = N
                        not_exhaustive_keys=not_exhaustive, **ann)
 
 
-def read_json(path: str | Path, label: str) -> Any:
-    """Read a local path or URL (fsspec) as JSON; one DataError/StorageError line on failure."""
-    with open_binary(path, label) as f:
+def read_json(path: str | Path, label: str, storage: StorageOptions | None = None) -> Any:
+    """Read a local path or URL (fsspec; `storage`: the job's endpoint and keys) as JSON; one
+    DataError/StorageError line on failure."""
+    with open_binary(path, label, storage) as f:
         data = f.read()
     return parse_json(data, label)
 
@@ -128,17 +129,18 @@ def _loads(data: bytes) -> Any:
 
 
 @contextlib.contextmanager
-def open_binary(path: str | Path, label: str) -> Iterator[BinaryIO]:
-    """A local path or URL (fsspec) opened for binary reading, for readers that stream a large file.
+def open_binary(path: str | Path, label: str, storage: StorageOptions | None = None) -> Iterator[BinaryIO]:
+    """A local path or URL (fsspec; `storage`: the job's endpoint and keys) opened for binary reading, for
+    readers that stream a large file.
 
     A missing file is one DataError line; storage failures, when opening or while reading inside the block,
     are one StorageError line (the same as ingest); our own errors raised in the block pass unchanged."""
     path = str(path)
     if "://" in path and not path.startswith("file://"):
         # the same one-line storage errors as ingest: probe (endpoint, bucket, credentials) within ~10 s
-        probe(path)
-        fs, p = filesystem(path)
-        with storage_errors(path):
+        probe(path, storage)
+        fs, p = filesystem(path, storage)
+        with storage_errors(path, storage):
             if not fs.exists(p):
                 raise DataError(f"{label}: file not found")
             f = fs.open(p, "rb")
@@ -148,7 +150,7 @@ def open_binary(path: str | Path, label: str) -> Iterator[BinaryIO]:
             except YWorldError:
                 raise  # e.g. a bad record: its text must not be read as a storage failure
             except Exception as e:
-                err = storage_error(e, path)
+                err = storage_error(e, path, storage)
                 if err is None:
                     raise
                 raise err from e

@@ -284,7 +284,7 @@ def evaluate_model(weights: str, dataset: DatasetSpec, inference: InferenceSpec,
     check_protocols(protocols, dataset.format)
     if not dataset.annotations or not dataset.images:
         raise ConfigError("dataset: set both annotations (GT JSON) and images (image folder)")
-    gt_dict = read_json(dataset.annotations, dataset.annotations)
+    gt_dict = read_json(dataset.annotations, dataset.annotations, storage)
     gt = load_ground_truth(gt_dict, dataset.format, name=dataset.annotations)  # validate before inference
     category_ids, texts = class_texts(gt_dict, dataset.class_texts, storage)
     embeds = _text_embeddings(texts, text, vocabulary_cache or join(output, "vocabulary"), storage)

@@ -86,15 +86,19 @@ def test_wrong_credentials_are_one_clear_line(s3_server):
     probe(f"s3://{bucket}/x", s3_server.storage())  # and the right ones pass
 
 
-def test_class_texts_are_read_with_the_jobs_storage_section(s3_server):
+def test_class_texts_and_annotations_are_read_with_the_jobs_storage_section(s3_server):
     # The eval and pseudo-label jobs pass their `storage:` section: endpoint and keys need not be in the environment.
+    from yworld.orchestrator.eval.ground_truth import read_json
+
     bucket = s3_server.make_bucket()
     url = f"s3://{bucket}/class_texts.json"
     fs, path = filesystem(url, s3_server.storage())
     fs.pipe_file(path, json.dumps([["bread", "bun"], "cat"]).encode())
     assert read_class_texts(url, s3_server.storage()) == [["bread", "bun"], ["cat"]]
-    with pytest.raises(StorageError, match="access denied"):
-        read_class_texts(url, s3_server.storage(secret="not-the-secret"))
+    assert read_json(url, "annotations", s3_server.storage()) == [["bread", "bun"], "cat"]  # the eval job's GT read
+    for read in (lambda storage: read_class_texts(url, storage), lambda storage: read_json(url, "gt", storage)):
+        with pytest.raises(StorageError, match="access denied"):
+            read(s3_server.storage(secret="not-the-secret"))
 
 
 def test_environment_fallback(s3_server, monkeypatch):
