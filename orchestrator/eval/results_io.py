@@ -8,17 +8,16 @@ dropped detection would change AP without anyone noticing.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, NoReturn
 
 import numpy as np
-import orjson
 
 from yworld.model.errors import DataError
-from yworld.orchestrator.eval.ground_truth import GroundTruth, gc_paused, index_of, open_binary, read_json
+from yworld.orchestrator.eval.ground_truth import (GroundTruth, gc_paused, index_of, open_binary, parse_json,
+                                                   read_json)
 
 FIELDS = ("image_id", "category_id", "bbox", "score")
 CHUNK_BYTES = 1 << 20  # results JSON parsed per step: ~7k detections, ~8 MiB of Python objects at once
@@ -156,14 +155,11 @@ def _read_list(f: BinaryIO, buf: bytearray, label: str, chunk_bytes: int) -> Det
 
 
 def _parse(data: bytes) -> list | None:
-    """The list `data` holds, or None when it is not one JSON list."""
+    """The list `data` holds, or None when it is not one JSON list (ground_truth.parse_json: orjson, then json
+    for NaN/Infinity literals)."""
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        return json.loads(data)  # orjson rejects NaN/Infinity literals; json accepts them (validated later)
-    except (ValueError, RecursionError):
+        return parse_json(data, "<chunk>")
+    except DataError:
         return None
 
 
