@@ -10,13 +10,15 @@ The per-worker step (train_step.py) calls the same six things whatever the YAML'
     schedule.set_step(step); norm = strategy.step()   # clip, step, zero grads; norm stays on the device
     strategy.save(dir) / strategy.load(dir)    # every rank calls both
 
-Precision: `fp32`; `fp16` (DDP only: autocast + dynamic loss scaling, what the official recipe trains with, `--amp`
+Precision: `fp32`; `fp16` (autocast + dynamic loss scaling, what the official recipe trains with, `--amp`
 in the official README's training command); `bf16` (autocast bf16). Both kinds use torch's autocast with
 fp32 weights, so BatchNorm keeps fp32 weights and running statistics: DeepSpeed through its
 `torch_autocast` config section. DeepSpeed's own `bf16` / `fp16` modes cast the parameters to 16 bits but
 not the buffers, and every BatchNorm then fails with "expected scalar type BFloat16 but found Float".
 DeepSpeed uses ZeRO stage 1 or 2 (optimizer states, + gradients, partitioned across ranks); with
-torch_autocast it reduces the gradients of convolutions and linear layers in the autocast dtype.
+torch_autocast it reduces the gradients of convolutions and linear layers in the autocast dtype. Its fp16
+loss scaling under torch_autocast never lowers the scale, so every step overflows: the ZeRO optimizer gets
+DeepSpeed's own dynamic loss scaler instead (`_use_dynamic_loss_scaling`). DDP fp16 uses torch's GradScaler.
 
 Gradient accumulation keeps the recipe's global batch whatever the worker count (`plan_accumulation`).
 Gradients are SUMMED over the micro-batches (DeepSpeed: `scale_wrt_gas=False`), because the loss is already
@@ -75,16 +77,6 @@ class StrategyConfig:
     def __post_init__(self):
         if self.bucket_mb < 1:
             raise ConfigError(f"bucket_mb: {self.bucket_mb} must be >= 1 (MB of gradients per DDP all-reduce)")
-        if self.kind == "deepspeed" and self.precision == "fp16":
-            # Measured (2026-11-29, DeepSpeed 0.19.8, ZeRO-1, 2 CPU workers, 48 steps of the test-sized smoke
-            # job): with torch_autocast fp16 the ZeRO optimizer saw an overflow at every step at a static loss
-            # scale of 1 and skipped them all (no AdamW step in its state); DDP fp16 with torch's GradScaler
-            # applied 40 of the same 48 steps (scale 65536 -> 256). The probable cause: DeepSpeed reduces conv/linear
-            # gradients in the autocast dtype, and ours are sums scaled by the global batch. Refused rather than a
-            # run that never learns.
-            raise ConfigError("precision: fp16 with kind: deepspeed does not train (DeepSpeed's torch_autocast "
-                              "fp16 with ZeRO skips every step as an overflow); use precision: bf16 (Ampere or "
-                              "newer), or kind: ddp with fp16 (dynamic loss scaling, e.g. on V100)")
 
 
 @dataclass(frozen=True)
@@ -225,6 +217,8 @@ class DeepSpeedStrategy(_Strategy):
         with _broadcast_handles_zero_dim_params():
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                     config=ds_config)
+        if cfg.precision == "fp16":
+            _use_dynamic_loss_scaling(self.model, self.optimizer)
         self.module = self.model.module
 
     def autocast(self):
@@ -263,6 +257,29 @@ class DeepSpeedStrategy(_Strategy):
         if path is None:
             raise ConfigError(f"{directory}: no DeepSpeed state in this checkpoint (was it written by a DDP run? "
                               f"resume with the same strategy.kind, or start a new run name)")
+
+
+def _use_dynamic_loss_scaling(engine, zero_optimizer) -> None:
+    """Make DeepSpeed 0.19's ZeRO-1/2 under torch_autocast fp16 scale its loss dynamically.
+
+    Out of the box (deepspeed/runtime/zero/stage_1_and_2.py, 0.19.8) the ZeRO optimizer scales the loss with a
+    torch GradScaler (line 612) whose `step` and `update` run only inside `_optimizer_step` (line 2976), while
+    `step()` returns on an overflow before reaching it (lines 3046-3068): the scale never leaves 65536, and
+    once the scaled gradients overflow every later step is skipped too (measured: 48 of 48). Even a step that
+    survives is wrong: it clips the still-scaled gradients against `gradient_clipping` (its own loss scale is
+    1, line 3206) and reports their norm. So the GradScaler is dropped for DeepSpeed's own DynamicLossScaler,
+    the one its `fp16` mode gives the same optimizer: it scales the loss in `engine.backward`, skips the step
+    and lowers the scale on an overflow, unscales before clipping, reports the unscaled norm, and is saved with
+    the ZeRO shards. The defaults of DeepSpeed's `fp16` section: 2**16 to start, halved per overflow after a
+    hysteresis of 2, doubled after 1000 clean steps; an overflow at the minimum of 1 stops the run."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    if not all(hasattr(zero_optimizer, a) for a in ("torch_autocast_gradscaler", "loss_scaler", "dynamic_loss_scale")):
+        raise ConfigError(f"precision: fp16 with kind: deepspeed needs DeepSpeed 0.19's ZeRO optimizer (got "
+                          f"{type(zero_optimizer).__name__}); use precision: bf16, or kind: ddp with fp16")
+    zero_optimizer.torch_autocast_gradscaler = None
+    zero_optimizer.loss_scaler = DynamicLossScaler(**engine.dynamic_loss_scale_args(), dtype=torch.float16)
+    zero_optimizer.dynamic_loss_scale = True
 
 
 def _saved_world_size(directory: str) -> int | None:

@@ -159,12 +159,11 @@ def test_pretrain_specs_state_the_paper_recipe(name):
         assert (job.strategy.kind, job.strategy.precision) == ("ddp", "fp16")
 
 
-def test_deepspeed_fp16_is_refused_at_load_and_ddp_fp16_is_not():
-    """DeepSpeed 0.19's torch_autocast fp16 with ZeRO skipped every step of a 48-step CPU run (orchestrator/
-    strategy.py): one line at spec load, naming the two ways that do train."""
-    with pytest.raises(ConfigError, match=r"pretrain_l_deepspeed.yaml: strategy: precision: fp16 with kind: deepspeed "
-                                          r"does not train .*use precision: bf16 .*or kind: ddp with fp16"):
-        spec_lib.load_spec("pretrain_l_deepspeed", ["strategy.precision=fp16"])
+def test_fp16_loads_with_deepspeed_and_with_ddp():
+    """DeepSpeed fp16 trains (a dynamic loss scale for its ZeRO optimizer, tests/orchestrator/
+    test_deepspeed_fp16.py), so the spec takes it as it takes DDP fp16."""
+    job = spec_lib.load_spec("pretrain_l_deepspeed", ["strategy.precision=fp16"])
+    assert (job.strategy.kind, job.strategy.precision) == ("deepspeed", "fp16")
     assert spec_lib.load_spec("pretrain_l", ["strategy.precision=fp16"]).strategy.precision == "fp16"
 
 
