@@ -327,6 +327,9 @@ def main() -> int:
     ap.add_argument("--unordered", action="store_true",
                     help="seed: null (blocks in completion order) instead of the seeded, ordered training stream")
     ap.add_argument("--data", default="", help="shard folder URL from `yworld ingest` instead of generated data")
+    ap.add_argument("--read-tasks-per-cpu", type=float, default=None,
+                    help="the stream's data.read_tasks_per_cpu (default: the shipped default; 0 = Ray Data's own "
+                         "scheduling)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -341,7 +344,9 @@ def main() -> int:
         print(f"data: {url} ({time.perf_counter() - t0:.1f} s to prepare)", flush=True)
         cfg = StreamConfig(sources=(SourceConfig("bench", url),), img_size=args.size, affine_scale=args.affine_scale,
                            mosaic=1.0, mixup=0.0, close_mosaic_epochs=0, seed=None if args.unordered else 0,
-                           shuffle_buffer=args.shuffle_buffer)
+                           shuffle_buffer=args.shuffle_buffer,
+                           **({} if args.read_tasks_per_cpu is None else {"read_tasks_per_cpu": args.read_tasks_per_cpu}))
+        print(f"stream: read_tasks_per_cpu {cfg.read_tasks_per_cpu:g}", flush=True)
         torch_rates, ray_rates, ray_ms, at_rest = run_interleaved(cfg, url, args.workers, args.epochs)
 
     warm = slice(1, None) if args.epochs > 1 else slice(None)  # the first epoch starts the workers

@@ -97,6 +97,8 @@ class StreamConfig:
     window: int = 64  # rows per augmentation window (mosaic partners come from the same window)
     shuffle_buffer: int = 128  # Train-side local shuffle across windows and sources (samples); 0 = off
     prefetch_batches: int = 2
+    # read tasks in flight per CPU Ray Data may use (read_ahead.py); 0 = Ray Data's own scheduling
+    read_tasks_per_cpu: float = 2.0
     seed: int | None = 0  # see "Determinism" in the module doc; null = fresh randomness
 
     def __post_init__(self) -> None:
@@ -121,6 +123,9 @@ class StreamConfig:
                           ("prefetch_batches", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be >= {low}")
+        if not 0 <= self.read_tasks_per_cpu <= 64:  # also refuses NaN
+            raise ConfigError(f"read_tasks_per_cpu: {self.read_tasks_per_cpu} must be in [0, 64] "
+                              "(0 = Ray Data's own scheduling)")
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"sources: names must be unique, got {names}")
@@ -180,6 +185,7 @@ def build_train_datasets(cfg: StreamConfig, storage: StorageOptions | None = Non
     from ray.data import DataContext
 
     # Ray Data is imported where a stream is built, not when a job spec (which holds a StreamConfig) loads
+    from yworld.datasets.read_ahead import apply_read_ahead
     from yworld.datasets.window_source import WindowDatasource
 
     storage = storage.resolved() if storage is not None else None  # workers get the driver's endpoint/keys
@@ -199,6 +205,7 @@ def build_train_datasets(cfg: StreamConfig, storage: StorageOptions | None = Non
         source = WindowDatasource(plans, cfg, storage, use_mosaic, stream_id)
         # one block per window: no further splitting of read outputs to reach a default parallelism
         out[key] = ray.data.read_datasource(source, override_num_blocks=max(1, source.num_windows()))
+        apply_read_ahead(out[key], cfg.read_tasks_per_cpu)  # on this dataset's own DataContext copy
     logger.info("training stream: %s; %d samples per epoch; datasets %s",
                 ", ".join(f"{p.config.name} x{p.config.weight:g} = {p.samples}" for p in plans),
                 sum(p.samples for p in plans), sorted(out))
