@@ -31,6 +31,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -265,7 +266,7 @@ def run_interleaved(cfg, url: str, workers: int, epochs: int, at_rest_s: float =
     cpu = TreeCpu()
     torch_side = TorchLoader(cfg, url, workers)
     ray_side = None
-    torch_rates, ray_runs, ray_ms = [], [], {}
+    torch_rates, ray_runs, ray_ms, torch_ms = [], [], {}, {}
     try:
         for epoch in range(epochs):
             for name in ("torch", "ray"):
@@ -280,6 +281,9 @@ def run_interleaved(cfg, url: str, workers: int, epochs: int, at_rest_s: float =
                 if name == "torch":
                     used = roles.get("driver / main process", 0) + roles.get("DataLoader workers", 0)
                     torch_rates.append((n / wall, n / used, n / used))
+                    if epoch:
+                        for role in ("driver / main process", "DataLoader workers"):
+                            torch_ms[role] = torch_ms.get(role, 0.0) + 1000 * roles.get(role, 0) / n / (epochs - 1)
                 else:
                     used = sum(v for k, v in roles.items() if k != "DataLoader workers")
                     ray_runs.append((n, wall, used))
@@ -298,7 +302,7 @@ def run_interleaved(cfg, url: str, workers: int, epochs: int, at_rest_s: float =
         if ray_side is not None:
             ray_side.close()
     ray_rates = [(n / wall, n / used, n / max(used - at_rest * wall, 1e-9)) for n, wall, used in ray_runs]
-    return torch_rates, ray_rates, ray_ms, at_rest
+    return torch_rates, ray_rates, ray_ms, torch_ms, at_rest
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -334,6 +338,8 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray Train's DataConfig builds its ExecutionOptions with a field Ray 2.60 deprecates: not ours to fix
+    warnings.filterwarnings("ignore", message=".*exclude_resources.*")
 
     from yworld.datasets.stream import SourceConfig, StreamConfig
 
@@ -347,7 +353,7 @@ def main() -> int:
                            shuffle_buffer=args.shuffle_buffer,
                            **({} if args.read_tasks_per_cpu is None else {"read_tasks_per_cpu": args.read_tasks_per_cpu}))
         print(f"stream: read_tasks_per_cpu {cfg.read_tasks_per_cpu:g}", flush=True)
-        torch_rates, ray_rates, ray_ms, at_rest = run_interleaved(cfg, url, args.workers, args.epochs)
+        torch_rates, ray_rates, ray_ms, torch_ms, at_rest = run_interleaved(cfg, url, args.workers, args.epochs)
 
     warm = slice(1, None) if args.epochs > 1 else slice(None)  # the first epoch starts the workers
     ray_wall, ray_cpu, ray_busy = np.mean(ray_rates[warm], axis=0)
@@ -368,7 +374,9 @@ def main() -> int:
     ]
     breakdown = ", ".join(f"{role} {ms:.2f}" for role, ms in sorted(ray_ms.items(), key=lambda x: -x[1])
                           if ms >= 0.01)
-    lines.append(f"Ray CPU ms per image by process: {breakdown}; the DataLoader's processes: {1000 / torch_cpu:.2f}")
+    lines.append(f"Ray CPU ms per image by process: {breakdown}; the DataLoader's processes: {1000 / torch_cpu:.2f} "
+                 f"(workers {torch_ms.get('DataLoader workers', 0):.2f}, main process "
+                 f"{torch_ms.get('driver / main process', 0):.2f})")
     print("\n".join(lines))
     return 0
 
