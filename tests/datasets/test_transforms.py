@@ -188,3 +188,16 @@ def test_mixup_blends_and_concatenates():
     assert 100 < r[0] < 200 and r[1] < 60
     with pytest.raises(ValueError):
         mixup(a, painted(16, 16, [], []), np.random.default_rng(0))
+
+
+def test_window_images_become_one_planar_array_equal_to_a_transpose():
+    """The stream's image column: OpenCV splits each H x W x 3 image into its planes of one preallocated
+    C-contiguous N x 3 x H x W array; it must equal the plain numpy transpose, also for strided views."""
+    from yworld.datasets.windows import _planar
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 40, 3), dtype=np.uint8) for _ in range(4)]
+    images.append(images[0][:, ::-1])  # a flipped view, not contiguous
+    out = _planar(images)
+    assert out.flags.c_contiguous and out.shape == (5, 3, 48, 40)
+    np.testing.assert_array_equal(out, np.stack([i.transpose(2, 0, 1) for i in images]))
