@@ -12,7 +12,7 @@ pseudo-labelling datasets built later by the same driver keep Ray's defaults):
   before a CPU frees up;
 - `ReadAheadPolicy`, a backpressure policy that admits a new read task while fewer than
   `read_tasks_per_cpu x CPUs` are in flight. The CPUs are Ray Data's global limits at that moment: the
-  cluster's CPUs minus the Train workers' (refreshed by Ray Data every few seconds), so the cap follows an
+  cluster's CPUs minus the Train workers' (Ray Data refreshes them once a second), so the cap follows an
   autoscaling or elastic cluster instead of being fixed when the datasets are built; at least one task is
   always allowed (a head with no CPUs still asks the autoscaler for a node). Ray Data's limits read zero for
   the first ~second of every execution (= epoch), until its autoscaling coordinator grants the resources,
