@@ -99,6 +99,9 @@ class StreamConfig:
     prefetch_batches: int = 2
     # read tasks in flight per CPU Ray Data may use (read_ahead.py); 0 = Ray Data's own scheduling
     read_tasks_per_cpu: float = 2.0
+    # read-task processes keep the memory they free between windows (heap.py: ~10x fewer page faults, ~1 ms
+    # less kernel time per image; ~130 MB more resident per read process); false = glibc's default trimming
+    keep_read_heap: bool = True
     seed: int | None = 0  # see "Determinism" in the module doc; null = fresh randomness
 
     def __post_init__(self) -> None:

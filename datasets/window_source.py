@@ -21,6 +21,7 @@ from ray.train import DataConfig
 # The cluster's key-value store (GCS): reachable from the Train workers and Ray Data's split coordinator.
 from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized, _internal_kv_put
 
+from yworld.datasets.heap import keep_heap
 from yworld.datasets.storage import StorageOptions, join, pyarrow_filesystem
 from yworld.datasets.windows import Window, WindowSpec, augment_window, read_rows, window_rng
 
@@ -33,9 +34,12 @@ __all__ = ["WindowDatasource", "StreamDataConfig", "announce_epoch", "announced_
 _SPECS: dict[str, tuple] = {}  # per process: the stream's WindowSpecs by object ref (fetched once per epoch)
 
 
-def read_window(window: Window, fs: Any, specs_ref: Any, epoch: int) -> Iterator[pa.Table]:
+def read_window(window: Window, fs: Any, specs_ref: Any, epoch: int, keep_read_heap: bool = True
+                ) -> Iterator[pa.Table]:
     """A Ray read task: read a window's rows, augment them (one output block per window)."""
     cv2.setNumThreads(1)  # one Ray task per CPU: OpenCV's own thread pool would oversubscribe the node
+    if keep_read_heap:
+        keep_heap()  # this process's next windows reuse the pages this one frees (heap.py)
     key = specs_ref.hex()
     if key not in _SPECS:
         _SPECS.clear()
@@ -134,7 +138,8 @@ class WindowDatasource(Datasource):
         for w in self.epoch_windows(epoch):
             meta = BlockMetadata(num_rows=w.rows, size_bytes=w.rows * sample_bytes, input_files=[w.path],
                                  exec_stats=None)
-            read = functools.partial(read_window, w, self._filesystems[w.source], specs_ref, epoch)
+            read = functools.partial(read_window, w, self._filesystems[w.source], specs_ref, epoch,
+                                     self._cfg.keep_read_heap)
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 

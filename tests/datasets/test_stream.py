@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import platform
 import re
 
 import cv2
@@ -304,6 +305,41 @@ def test_train_workers_read_their_shards_through_iter_epoch(ray_session, tmp_pat
         assert stats["batches"] == [per_worker, per_worker - 1]  # epoch 1 resumed after 1 batch
         assert stats["ok"]
         assert stats["multi"][0] > 0.7 and stats["multi"][1] == 0.0  # mosaic, then the close-mosaic pipeline
+
+
+@pytest.mark.ray
+def test_read_tasks_keep_their_heap_unless_told_not_to(ray_session, tmp_path, monkeypatch):
+    """datasets/heap.py: every read task fixes its process's malloc thresholds (once per process), unless
+    `keep_read_heap: false`; the task's block is the same either way."""
+    import ray
+
+    from yworld.datasets import window_source
+    from yworld.datasets.heap import heap_kept
+    from yworld.datasets.stream import plan_sources
+    from yworld.datasets.window_source import WindowDatasource
+
+    det = write_source(str(tmp_path / "det"), "o365", "detection", 8, shards=1)
+    blocks = {}
+    for keep in (True, False):
+        cfg = StreamConfig(sources=(SourceConfig("o365", det),), img_size=SIZE, window=8, keep_read_heap=keep)
+        (task,) = WindowDatasource(plan_sources(cfg, None), cfg, None, True, "heap").get_read_tasks(1)
+        calls = []
+        monkeypatch.setattr(window_source, "keep_heap", lambda: calls.append(1) or True)
+        blocks[keep] = pa.concat_tables(list(task()))
+        assert calls == ([1] if keep else [])
+    assert blocks[True].num_rows == 8 and blocks[True].equals(blocks[False])
+    monkeypatch.undo()
+
+    # and in a Ray worker process, where read tasks run: the process has kept its heap after the task
+    cfg = StreamConfig(sources=(SourceConfig("o365", det),), img_size=SIZE, window=8)
+    (task,) = WindowDatasource(plan_sources(cfg, None), cfg, None, True, "heap").get_read_tasks(1)
+
+    @ray.remote(num_cpus=1)
+    def run(read_task):
+        rows = sum(block.num_rows for block in read_task())
+        return rows, heap_kept()
+
+    assert ray.get(run.remote(task)) == (8, platform.libc_ver()[0] == "glibc")
 
 
 @pytest.mark.ray
