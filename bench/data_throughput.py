@@ -19,6 +19,9 @@ processes. The shards are built from the photos that ship with ultralytics / sci
 (random crops, JPEG q90, 640 x 480 to 800 x 600, 3-12 boxes) unless `--data URL` points at shards written
 by `yworld ingest`.
 
+One thing differs by design: the stream's read tasks keep their heap between windows (datasets/heap.py,
+`data.keep_read_heap`); the DataLoader's workers keep glibc's default unless `--dataloader-keep-heap`.
+
     .venv/bin/python bench/data_throughput.py --workers 2 [--images 2048] [--epochs 4] [--unordered]
 
 The stream is the training default (`seed: 0`: deterministic order); `--unordered` measures `seed: null`.
@@ -230,16 +233,26 @@ def _own_session(_worker_id: int) -> None:
         pass
 
 
+def _own_session_kept_heap(worker_id: int) -> None:
+    """`--dataloader-keep-heap`: the DataLoader's workers also keep their heap, as the stream's read tasks do
+    (datasets/heap.py), to show what is left of the difference when both sides have it."""
+    from yworld.datasets.heap import keep_heap
+
+    _own_session(worker_id)
+    keep_heap()
+
+
 class TorchLoader:
     """A plain DataLoader over `WindowDataset`; the main process re-batches into 16s and collates."""
 
-    def __init__(self, cfg, url: str, workers: int):
+    def __init__(self, cfg, url: str, workers: int, keep_heap: bool = False):
         import torch.utils.data
 
         self.cfg = cfg
         self.loader = torch.utils.data.DataLoader(
             WindowDataset(cfg, url), batch_size=None, shuffle=True, num_workers=workers, persistent_workers=True,
-            prefetch_factor=2, worker_init_fn=_own_session, in_order=cfg.seed is not None)
+            prefetch_factor=2, worker_init_fn=_own_session_kept_heap if keep_heap else _own_session,
+            in_order=cfg.seed is not None)
 
     def epoch(self) -> int:
         from yworld.datasets.collate import collate_samples
@@ -256,7 +269,8 @@ class TorchLoader:
         return n
 
 
-def run_interleaved(cfg, url: str, workers: int, epochs: int, at_rest_s: float = 15.0):
+def run_interleaved(cfg, url: str, workers: int, epochs: int, at_rest_s: float = 15.0,
+                    dataloader_keep_heap: bool = False):
     """Epochs of the two pipelines in turn (DataLoader, Ray, DataLoader, Ray, ...), so that a change in
     the machine's load hits both. The DataLoader forks its workers before Ray starts. Returns per-epoch
     (images/s wall, images per CPU-second, images per CPU-second above Ray's use at rest) of each side,
@@ -264,7 +278,7 @@ def run_interleaved(cfg, url: str, workers: int, epochs: int, at_rest_s: float =
     for `at_rest_s` after the last epoch, once Ray has settled). A side's CPU is its own processes' (Ray's
     background during DataLoader epochs is not charged to either)."""
     cpu = TreeCpu()
-    torch_side = TorchLoader(cfg, url, workers)
+    torch_side = TorchLoader(cfg, url, workers, dataloader_keep_heap)
     ray_side = None
     torch_rates, ray_runs, ray_ms, torch_ms = [], [], {}, {}
     try:
@@ -334,6 +348,10 @@ def main() -> int:
     ap.add_argument("--read-tasks-per-cpu", type=float, default=None,
                     help="the stream's data.read_tasks_per_cpu (default: the shipped default; 0 = Ray Data's own "
                          "scheduling)")
+    ap.add_argument("--keep-read-heap", type=int, choices=(0, 1), default=None,
+                    help="the stream's data.keep_read_heap (default: the shipped default, on)")
+    ap.add_argument("--dataloader-keep-heap", action="store_true",
+                    help="give the DataLoader's workers the read tasks' kept heap too (datasets/heap.py)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -351,9 +369,12 @@ def main() -> int:
         cfg = StreamConfig(sources=(SourceConfig("bench", url),), img_size=args.size, affine_scale=args.affine_scale,
                            mosaic=1.0, mixup=0.0, close_mosaic_epochs=0, seed=None if args.unordered else 0,
                            shuffle_buffer=args.shuffle_buffer,
-                           **({} if args.read_tasks_per_cpu is None else {"read_tasks_per_cpu": args.read_tasks_per_cpu}))
-        print(f"stream: read_tasks_per_cpu {cfg.read_tasks_per_cpu:g}", flush=True)
-        torch_rates, ray_rates, ray_ms, torch_ms, at_rest = run_interleaved(cfg, url, args.workers, args.epochs)
+                           **({} if args.read_tasks_per_cpu is None else {"read_tasks_per_cpu": args.read_tasks_per_cpu}),
+                           **({} if args.keep_read_heap is None else {"keep_read_heap": bool(args.keep_read_heap)}))
+        print(f"stream: read_tasks_per_cpu {cfg.read_tasks_per_cpu:g}, keep_read_heap {cfg.keep_read_heap}; "
+              f"DataLoader workers keep their heap: {args.dataloader_keep_heap}", flush=True)
+        torch_rates, ray_rates, ray_ms, torch_ms, at_rest = run_interleaved(
+            cfg, url, args.workers, args.epochs, dataloader_keep_heap=args.dataloader_keep_heap)
 
     warm = slice(1, None) if args.epochs > 1 else slice(None)  # the first epoch starts the workers
     ray_wall, ray_cpu, ray_busy = np.mean(ray_rates[warm], axis=0)
