@@ -30,7 +30,7 @@ LOSS_PARTS = ("loss_cls", "loss_box", "loss_dfl")
 
 # slots of StepMetrics.values (float32 on the device)
 _PARTS = slice(0, 3)  # loss parts summed over micro-batches
-_NORM_LAST, _NONFINITE, _STREAK, _MAX_STREAK = 3, 4, 5, 6
+_NORM_LAST, _NONFINITE, _STREAK, _MAX_STREAK, _SKIPPED = 3, 4, 5, 6, 7
 
 
 class StepMetrics:
@@ -43,15 +43,21 @@ class StepMetrics:
     digests at equal steps mean the same samples, which is how a resumed run's data order is checked).
 
     `grad_overflow_is_finite`: with fp16 loss scaling an inf gradient is an expected, skipped step (the
-    scaler lowers its scale), so there only the loss counts as non-finite.
+    scaler lowers its scale), so there only the loss counts as non-finite; such steps are counted as
+    `skipped_steps`, and `grad_norm` is the last APPLIED step's (NaN when the window applied none).
     """
 
     def __init__(self, device: torch.device, grad_overflow_is_finite: bool = False):
         self.device = torch.device(device)
         self.grad_overflow_is_finite = grad_overflow_is_finite
-        self.values = torch.zeros(7, device=self.device)
+        self.values = torch.zeros(8, device=self.device)
+        self._fresh_norm()
         self._step = torch.zeros(3, device=self.device)
         self._reset_host()
+
+    def _fresh_norm(self) -> None:
+        if self.grad_overflow_is_finite:
+            self.values[_NORM_LAST] = float("nan")  # no applied step yet in this window
 
     def _reset_host(self) -> None:
         self.images = self.micro = self.steps = 0
@@ -76,12 +82,16 @@ class StepMetrics:
 
     def end_step(self, grad_norm: torch.Tensor) -> None:
         norm = grad_norm.detach().float().reshape(())
+        norm_ok = torch.isfinite(norm)
         finite = torch.isfinite(self._step).all()
-        if not self.grad_overflow_is_finite:
-            finite &= torch.isfinite(norm)
         v = self.values
+        if self.grad_overflow_is_finite:  # fp16: a non-finite norm is an overflow the scaler skipped
+            v[_SKIPPED] += (~norm_ok).float()
+            v[_NORM_LAST] = torch.where(norm_ok, norm, v[_NORM_LAST])
+        else:
+            finite &= norm_ok
+            v[_NORM_LAST] = norm
         v[_PARTS] += self._step
-        v[_NORM_LAST] = norm
         v[_NONFINITE] += (~finite).float()
         v[_STREAK] = torch.where(finite, 0.0, v[_STREAK] + 1)
         v[_MAX_STREAK] = torch.maximum(v[_MAX_STREAK], v[_STREAK])
@@ -103,11 +113,13 @@ class StepMetrics:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         out = {"loss": sum(parts.values()), **parts, "grad_norm": values[_NORM_LAST],
                "nonfinite_steps": int(values[_NONFINITE]), "nonfinite_streak": int(values[_STREAK]),
-               "max_nonfinite_streak": int(values[_MAX_STREAK]),
+               "max_nonfinite_streak": int(values[_MAX_STREAK]), "skipped_steps": int(values[_SKIPPED]),
                "images_per_s": images / elapsed, "data_wait_frac": self.data_wait / elapsed,
                "sample_digest": self.digest}
         self.values[: _STREAK].zero_()
+        self.values[_SKIPPED] = 0.0
         self.values[_MAX_STREAK] = self.values[_STREAK]
+        self._fresh_norm()
         self._reset_host()
         return out
 

@@ -137,10 +137,21 @@ def test_non_finite_steps_are_counted_on_the_device_and_carry_over_reports():
     window.add(parts, images=2)
     window.end_step(torch.tensor(1.0))
     assert window.read(world=1)["max_nonfinite_streak"] == 0
+    assert second["skipped_steps"] == 0  # without fp16 a non-finite norm is a bad step, not a skipped one
     fp16 = StepMetrics(torch.device("cpu"), grad_overflow_is_finite=True)  # a skipped fp16 step is normal
+    for norm in (float("inf"), 3.0, float("nan"), float("inf")):
+        fp16.add(parts, images=2)
+        fp16.end_step(torch.tensor(norm))
+    report = fp16.read(world=1)
+    # the overflows are counted as skipped, not as non-finite steps, and the norm is the last APPLIED step's
+    assert (report["nonfinite_steps"], report["skipped_steps"], report["grad_norm"]) == (0, 3, 3.0)
     fp16.add(parts, images=2)
     fp16.end_step(torch.tensor(float("inf")))
-    assert fp16.read(world=1)["nonfinite_steps"] == 0
+    report = fp16.read(world=1)  # a window that applied no step says so, not the last window's norm
+    assert report["skipped_steps"] == 1 and np.isnan(report["grad_norm"])
+    fp16.add(parts, images=2)
+    fp16.end_step(torch.tensor(2.0))
+    assert (lambda r: (r["skipped_steps"], r["grad_norm"]))(fp16.read(world=1)) == (0, 2.0)
 
 
 def test_text_cache_owns_its_rows_and_stays_bounded(encoder):
