@@ -63,8 +63,10 @@ def load_images(batch: dict[str, np.ndarray], img_size: int, storage: StorageOpt
     """CPU stage (Ray tasks): read, decode and letterbox each image, so the GPU actors only run the network."""
     import cv2
 
+    from yworld.datasets.heap import keep_heap
     from yworld.model.postprocess import letterbox
 
+    keep_heap()  # the next batch reuses this one's image buffers instead of faulting them in again (heap.py)
     images, info = [], []
     for url in batch["url"]:
         fs, path = filesystem(str(url), storage)

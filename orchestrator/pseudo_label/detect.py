@@ -68,7 +68,10 @@ def load_images(batch: dict[str, np.ndarray], img_size: int, storage: StorageOpt
     undecodable image only sets the row's status."""
     import cv2
 
+    from yworld.datasets.heap import keep_heap
+
     cv2.setNumThreads(1)
+    keep_heap()  # the next batch reuses this one's image buffers instead of faulting them in again (heap.py)
     urls = batch.get("url")
     n = len(batch["status"])
     status = batch["status"].astype(object).copy()

@@ -55,3 +55,26 @@ def test_keep_heap_does_nothing_without_glibc(monkeypatch):
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
     assert not heap.keep_heap()
     assert not heap.heap_kept()
+
+
+def test_evaluation_and_pseudo_label_image_loading_keep_their_heap(tmp_path, monkeypatch):
+    """The CPU stages of evaluation and pseudo-labelling decode batches of images the same way: they keep the
+    heap too (measured in heap.py's doc), and still letterbox what they read."""
+    import cv2
+    import numpy as np
+
+    from yworld.datasets.storage import StorageOptions
+    from yworld.orchestrator.eval.job import load_images as eval_load
+    from yworld.orchestrator.pseudo_label.detect import load_images as label_load
+
+    urls = []
+    for k, (w, h) in enumerate(((64, 48), (40, 80))):
+        cv2.imwrite(str(tmp_path / f"{k}.jpg"), np.full((h, w, 3), 60 * k, np.uint8))
+        urls.append(str(tmp_path / f"{k}.jpg"))
+    calls = []
+    monkeypatch.setattr(heap, "keep_heap", lambda: calls.append(1) or True)
+    out = eval_load({"url": np.array(urls, object), "image_id": np.arange(2)}, 32, StorageOptions())
+    assert out["image"].shape == (2, 32, 32, 3) and calls == [1]
+    out = label_load({"url": np.array(urls, object), "status": np.array(["ok", "ok"], object)}, 32,
+                     StorageOptions(), keep_bytes=False)
+    assert out["image"].shape == (2, 32, 32, 3) and list(out["width"]) == [64, 40] and calls == [1, 1]
