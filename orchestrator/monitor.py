@@ -146,11 +146,11 @@ class DriverMonitor:
             self._jsonl.flush()
         if self._bar is not None:
             self._bar.n = min(step, self.total_steps)
-            shown = {k: record[k] for k in ("loss", "lr", "images_per_s") if k in record}
+            shown = _shown(record)
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
             self._bar.refresh()
         elif self._next_line is not None and (step >= self._next_line or step >= self.total_steps):
-            shown = {k: record[k] for k in ("loss", "lr", "images_per_s") if k in record}
+            shown = _shown(record)
             log.info("train: step %d/%d (%d%%), %s", step, self.total_steps, 100 * step // max(self.total_steps, 1),
                      ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
             self._next_line = step + max(1, self.total_steps // 10)  # a line per ~10% of the run
@@ -173,6 +173,14 @@ class DriverMonitor:
             fs.put(self._tb_dir.rstrip("/") + "/", path, recursive=True)
         except Exception as e:  # metrics upload is best effort; the checkpoints are what matters
             log.warning("could not upload TensorBoard files to %s: %s", self.run_url, e)
+
+
+def _shown(record: dict[str, Any]) -> dict[str, Any]:
+    """What the console shows of a report: loss, lr, speed, and fp16's skipped (overflowed) steps when any."""
+    shown = {k: record[k] for k in ("loss", "lr", "images_per_s") if k in record}
+    if record.get("skipped_steps"):
+        shown["skipped_steps"] = record["skipped_steps"]
+    return shown
 
 
 def _tag(key: str) -> str:
